@@ -1,0 +1,3 @@
+from dynamics.cli.main import main
+
+main()

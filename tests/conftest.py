@@ -1,0 +1,50 @@
+"""Shared fixtures: real models (tiny random ones for speed, the embedded SmolLM2 for realism)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach a hub
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def default_lm():
+    """The embedded default model (SmolLM2-135M-Instruct), loaded once per session; do not mutate it."""
+    from dynamics.models import load_model
+
+    return load_model("default")
+
+
+@pytest.fixture(scope="session")
+def tiny_lm():
+    from dynamics.models import load_model
+
+    return load_model("tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_vl():
+    from dynamics.models import load_model
+
+    return load_model("tiny-qwen2.5-vl")
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 900):
+    """Run the installed ``dynamics`` command in a subprocess and return the CompletedProcess."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "dynamics.cli", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def cli():
+    return run_cli
