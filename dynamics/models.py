@@ -412,3 +412,45 @@ def _load_adapter(
 def parameter_count(model: torch.nn.Module) -> int:
     """Number of unique parameters (tied weights counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+# ------------------------------------------------------------------------------------ checkpoints and runs
+@dataclass
+class Checkpoint:
+    """One model to analyse: its spec (for :func:`load_model`), training step (0 for a base model), label."""
+
+    spec: str
+    step: int
+    name: str
+
+
+CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _checkpoint_step(folder: Path) -> int:
+    manifest = folder / "manifest.json"
+    if manifest.exists():
+        step = _read_json(manifest).get("step")
+        if isinstance(step, int):
+            return step
+    m = CKPT_RE.match(folder.name)
+    return int(m.group(1)) if m else 0
+
+
+def is_run_folder(path: Path) -> bool:
+    """A run folder holds ``checkpoint-STEP`` folders but is not itself a model."""
+    return (path.is_dir() and not (path / "config.json").exists() and not (path / "adapter_config.json").exists()
+            and any(CKPT_RE.match(p.name) and p.is_dir() for p in path.iterdir()))
+
+
+def resolve_checkpoints(spec: str | os.PathLike) -> list[Checkpoint]:
+    """Expand a spec into the models it names: a run folder gives all its checkpoints in step order;
+    a checkpoint folder gives itself (step from its manifest or name); anything else is one step-0 model."""
+    path = Path(str(spec)).expanduser()
+    if is_run_folder(path):
+        folders = sorted((p for p in path.iterdir() if p.is_dir() and CKPT_RE.match(p.name)), key=_checkpoint_step)
+        complete = [p for p in folders if (p / "config.json").exists() or (p / "adapter_config.json").exists()]
+        return [Checkpoint(str(p), _checkpoint_step(p), f"{path.name}/{p.name}") for p in complete]
+    if path.is_dir():
+        return [Checkpoint(str(path), _checkpoint_step(path), path.name if CKPT_RE.match(path.name) else str(path))]
+    return [Checkpoint(str(spec), 0, str(spec))]
