@@ -6,6 +6,7 @@ from collections import Counter
 from pathlib import Path
 
 import typer
+
 from dynamics.cli.app import console, data_app
 
 

@@ -3,13 +3,19 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import pkgutil
 import sys
 
-from dynamics.cli import data_cmd, models_cmd  # noqa: F401  (registers commands)
+import dynamics.cli
 from dynamics.cli.app import app
-
 from dynamics.errors import DynamicsError
+
+# every ``*_cmd`` module of this package registers its commands on ``app`` when imported
+for _mod in pkgutil.iter_modules(dynamics.cli.__path__):
+    if _mod.name.endswith("_cmd"):
+        importlib.import_module(f"dynamics.cli.{_mod.name}")
 
 
 def main() -> None:

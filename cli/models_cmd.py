@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import typer
-from dynamics.cli.app import app, console
 from rich.table import Table
+
+from dynamics.cli.app import app, console
 
 
 @app.command("models")
