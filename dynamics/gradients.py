@@ -1,0 +1,606 @@
+"""Per-sample gradients in compact form, and exact inner products between them.
+
+For one sample with per-token log-likelihood weights w_t (completion tokens), let ℓ = Σ_t w_t log p(y_t | y_<t, x)
+and g = ∇_θ ℓ. Autograd's backward of Σ_b ℓ_b gives, at the output of every layer, the rows of *each sample
+separately* (samples never mix in a causal LM), so per-sample gradients can be read off layer by layer:
+
+* linear layer y = W a (+ b) used at positions t = 1..T:  G_W = Σ_t δ_t a_tᵀ = Δᵀ A,  G_b = Σ_t δ_t
+  with A (T × d_in) the inputs and Δ (T × d_out) the output gradients;
+* embedding E[x_t] at positions t:  G_E = Σ_t e_{x_t} δ_tᵀ  (Δ rows scattered to token rows; the padding_idx row
+  gets none), i.e. the same form with a one-hot factor;
+* element-wise scales (RMSNorm / LayerNorm weights) y_t = w ∘ n(x_t) (+ b):  G_w = Σ_t δ_t ∘ ∂y_t/∂w, with
+  ∂y_t/∂w read by a forward-mode JVP of the module, so every norm variant is exact;
+* anything else: one autograd call per sample for those parameters only (exact, slower).
+
+A gradient of the form Σ_t u_t v_tᵀ is a :class:`LowRank` term. Inner products of two such terms never build
+the d_out × d_in matrices ("ghost" inner product):
+
+    ⟨Δ_iᵀ A_i, Δ_jᵀ A_j⟩ = Σ_{t,s} (A_i A_jᵀ)_{ts} (Δ_i Δ_jᵀ)_{ts}        cost T_i T_j (d_in + d_out)
+
+while materialising G = Δᵀ A costs T d_in d_out once per sample plus d_in d_out per pair. The choice between
+the two is made per parameter from the total cost (see :func:`plan_forms`). One-hot factors (token ids) make
+the Gram matrices index look-ups, which is how tied embeddings and lm_heads get their cross terms.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from dynamics.errors import DynamicsError
+
+
+# ------------------------------------------------------------------------------------------ factor algebra
+@dataclass
+class Factor:
+    """One side of Σ_t u_t v_tᵀ for a batch: dense rows ``(B, T, d)`` or token ids ``(B, T)`` standing for
+    one-hot rows of width ``d`` (id ``-1`` marks an empty row)."""
+
+    dense: Tensor | None = None
+    ids: Tensor | None = None
+    width: int = 0
+
+    @property
+    def batch(self) -> int:
+        return (self.dense if self.dense is not None else self.ids).shape[0]
+
+    @property
+    def length(self) -> int:
+        return (self.dense if self.dense is not None else self.ids).shape[1]
+
+    def select(self, index: Tensor | slice) -> Factor:
+        return Factor(None if self.dense is None else self.dense[index],
+                      None if self.ids is None else self.ids[index], self.width)
+
+    def to_dense(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        if self.dense is not None:
+            return self.dense
+        onehot = torch.zeros(*self.ids.shape, self.width + 1, dtype=dtype)
+        onehot.scatter_(-1, self.ids.remainder(self.width + 1).unsqueeze(-1), 1.0)  # id -1 -> dropped column
+        return onehot[..., : self.width]
+
+
+def gram(f: Factor, g: Factor) -> Tensor:
+    """All row inner products ⟨f[b,t], g[c,s]⟩ as a ``(B_f, B_g, T_f, T_g)`` tensor."""
+    if f.dense is not None and g.dense is not None:
+        return torch.einsum("btd,csd->bcts", f.dense, g.dense)
+    if f.dense is None and g.dense is None:  # a boolean Gram; it promotes to the other Gram's dtype
+        return (f.ids[:, None, :, None] == g.ids[None, :, None, :]) & (f.ids >= 0)[:, None, :, None]
+    if f.dense is None:
+        return gram(g, f).permute(1, 0, 3, 2)
+    # dense f, ids g: f.dense[b, t, g.ids[c, s]]
+    ids = g.ids.clamp(min=0)
+    picked = f.dense[:, :, ids.reshape(-1)]  # (B_f, T_f, B_g*T_g)
+    picked = picked.reshape(f.batch, f.length, g.batch, g.length).permute(0, 2, 1, 3)
+    return picked * (g.ids >= 0)[None, :, None, :]
+
+
+def diag_gram(f: Factor) -> Tensor:
+    """Per-sample Gram ``(B, T, T)`` of a factor with itself."""
+    if f.dense is not None:
+        return torch.einsum("btd,bsd->bts", f.dense, f.dense)
+    return (f.ids[:, :, None] == f.ids[:, None, :]) & (f.ids >= 0)[:, :, None]
+
+
+def diag_cross_gram(f: Factor, g: Factor) -> Tensor:
+    """Per-sample Gram ``(B, T_f, T_g)`` between two factors of the same batch."""
+    if f.dense is not None and g.dense is not None:
+        return torch.einsum("btd,bsd->bts", f.dense, g.dense)
+    full = gram(f, g)
+    idx = torch.arange(f.batch)
+    return full[idx, idx]
+
+
+@dataclass
+class LowRank:
+    """Per-sample gradients G_b = Σ_t out[b,t] ⊗ inp[b,t] of one parameter use (``out`` indexes the
+    parameter's first dimension, ``inp`` the flattened rest)."""
+
+    out: Factor
+    inp: Factor
+
+    @property
+    def batch(self) -> int:
+        return self.out.batch
+
+    def select(self, index: Tensor | slice) -> LowRank:
+        return LowRank(self.out.select(index), self.inp.select(index))
+
+    def to_dense(self) -> Tensor:
+        """Materialise ``(B, d_out * d_in)``."""
+        dtype = (self.out.dense if self.out.dense is not None else self.inp.dense).dtype
+        out, inp = self.out.to_dense(dtype), self.inp.to_dense(dtype)
+        return torch.einsum("bto,bti->boi", out, inp).reshape(self.batch, -1)
+
+
+def lowrank_inner(a: LowRank, b: LowRank) -> Tensor:
+    """⟨G_a[i], G_b[j]⟩ for all pairs, ``(B_a, B_b)``: Σ_{t,s} gram(out)_{ts} gram(in)_{ts}."""
+    return (gram(a.out, b.out) * gram(a.inp, b.inp)).sum((-1, -2))
+
+
+def lowrank_cross_diag(a: LowRank, b: LowRank) -> Tensor:
+    """⟨G_a[i], G_b[i]⟩ for each sample i of one batch, ``(B,)``."""
+    return (diag_cross_gram(a.out, b.out) * diag_cross_gram(a.inp, b.inp)).sum((-1, -2))
+
+
+# ---------------------------------------------------------------------------------- per-parameter gradients
+@dataclass
+class ParamGrad:
+    """The per-sample gradient of one parameter for a batch: a sum of low-rank terms (one per use of the
+    parameter) plus, optionally, a dense ``(B, n)`` part."""
+
+    terms: list[LowRank] = field(default_factory=list)
+    dense: Tensor | None = None
+
+    def select(self, index: Tensor | slice) -> ParamGrad:
+        return ParamGrad([t.select(index) for t in self.terms], None if self.dense is None else self.dense[index])
+
+    def materialise(self) -> Tensor:
+        """``(B, n)``: the dense part plus every low-rank term built out."""
+        total = self.dense
+        for t in self.terms:
+            total = t.to_dense() if total is None else total + t.to_dense()
+        return total
+
+
+def inner(a: ParamGrad, b: ParamGrad) -> Tensor:
+    """⟨g_a[i], g_b[j]⟩ for every pair, ``(B_a, B_b)``, summing every term pair (tied-weight cross terms
+    included)."""
+    if a.dense is not None and b.dense is not None and not a.terms and not b.terms:
+        return a.dense @ b.dense.T
+    if (a.dense is not None or b.dense is not None) and (a.terms or b.terms):
+        return a.materialise() @ b.materialise().T
+    total = None
+    for ta in a.terms:
+        for tb in b.terms:
+            k = lowrank_inner(ta, tb)
+            total = k if total is None else total + k
+    return total
+
+
+def self_inner(a: ParamGrad) -> Tensor:
+    """‖g[i]‖² for each sample, ``(B,)``."""
+    if a.dense is not None and not a.terms:
+        return (a.dense * a.dense).sum(-1)
+    if a.dense is not None:
+        m = a.materialise()
+        return (m * m).sum(-1)
+    total = 0
+    for i, ta in enumerate(a.terms):
+        for j, tb in enumerate(a.terms):
+            if j < i:
+                continue
+            k = lowrank_cross_diag(ta, tb)
+            total = total + (k if i == j else 2 * k)
+    return total
+
+
+# ----------------------------------------------------------------------------------------------- scopes
+SCOPES = ("linear", "all", "lora")
+
+
+def _is_linear(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def scope_parameters(model: nn.Module, scope: str) -> dict[str, nn.Parameter]:
+    """The parameters a scope names, by canonical (first) name; tied parameters appear once.
+
+    ``linear``: weights and biases of linear layers (for a tied lm_head, only its use as lm_head counts: the
+    embedding lookup's share of that tensor belongs to ``all``); ``all``: every trainable parameter;
+    ``lora``: peft adapter weights; anything else: a regular expression over parameter names.
+    """
+    named = dict(model.named_parameters())
+    if scope == "all":
+        return {n: p for n, p in named.items() if p.requires_grad or not _any_trainable(model)}
+    if scope == "lora":
+        out = {n: p for n, p in named.items() if "lora_" in n}
+        if not out:
+            raise DynamicsError("scope 'lora' but the model has no LoRA adapter parameters", field="params")
+        return out
+    if scope == "linear":
+        ids = {id(p) for m in model.modules() if _is_linear(m) for p in m.parameters(recurse=False)}
+        return {n: p for n, p in named.items() if id(p) in ids}
+    try:
+        rx = re.compile(scope)
+    except re.error as e:
+        raise DynamicsError(f"not a scope ({', '.join(SCOPES)}) nor a valid regex: {e}", field="params") from None
+    out = {n: p for n, p in named.items() if rx.search(n)}
+    if not out:
+        raise DynamicsError(f"no parameter name matches {scope!r}", field="params")
+    return out
+
+
+def _any_trainable(model: nn.Module) -> bool:
+    return any(p.requires_grad for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------------------ sites
+@dataclass
+class Use:
+    """One module's use of one parameter (``role`` is the attribute name, e.g. ``weight``)."""
+
+    module: nn.Module
+    module_name: str
+    role: str
+    kind: str  # linear | conv1d | patch | embedding | elementwise | bias | other
+
+
+def _use_kind(module: nn.Module, role: str, param: nn.Parameter) -> str:
+    from transformers.pytorch_utils import Conv1D
+
+    if role == "bias" and isinstance(module, (nn.Linear, Conv1D, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return "bias"
+    if role == "weight":
+        if isinstance(module, nn.Linear):
+            return "linear"
+        if isinstance(module, Conv1D):
+            return "conv1d"
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.groups == 1:
+            return "patch"
+        if isinstance(module, nn.Embedding):
+            return "embedding"
+    if param.dim() == 1 and "norm" in type(module).__name__.lower():
+        return "elementwise"
+    return "other"
+
+
+def parameter_uses(model: nn.Module, params: dict[str, nn.Parameter], scope: str) -> dict[str, list[Use]]:
+    """Every module use of every scoped parameter (a tied weight has several uses; in the ``linear`` scope
+    only its linear uses count)."""
+    by_id = {id(p): n for n, p in params.items()}
+    uses: dict[str, list[Use]] = defaultdict(list)
+    for mname, module in model.named_modules():
+        for role, p in module._parameters.items():
+            if p is None or id(p) not in by_id:
+                continue
+            kind = _use_kind(module, role, p)
+            if scope == "linear" and kind not in ("linear", "conv1d", "bias"):
+                continue
+            uses[by_id[id(p)]].append(Use(module, mname, role, kind))
+    return dict(uses)
+
+
+# ---------------------------------------------------------------------------------------- batch layout
+@dataclass
+class Layout:
+    """How rows of a module's input map to samples: ``(B, T, ...)`` tensors map by their first dimension;
+    flat ``(R, d)`` tensors (a vision tower's patches) are split in proportion to each sample's patch count."""
+
+    batch: int
+    patch_counts: list[int] | None = None
+
+    def to_rows(self, x: Tensor) -> Tensor:
+        """``(B, T, d)`` view of a captured tensor (zero-padded when samples have unequal row counts)."""
+        if x.dim() >= 3 and x.shape[0] == self.batch:
+            return x.reshape(self.batch, -1, x.shape[-1])
+        flat = x.reshape(x.shape[0], -1)
+        counts = self._split(flat.shape[0])
+        width = max(counts) if counts else 0
+        out = flat.new_zeros(self.batch, width, flat.shape[1])
+        start = 0
+        for b, n in enumerate(counts):
+            out[b, :n] = flat[start:start + n]
+            start += n
+        return out
+
+    def _split(self, rows: int) -> list[int]:
+        if rows == self.batch and not self.patch_counts:  # one row per sample, e.g. a pooled head
+            return [1] * rows
+        counts = self.patch_counts or []
+        total = sum(counts)
+        if not total or any((rows * c) % total for c in counts):
+            raise RuntimeError(f"cannot map {rows} rows onto {self.batch} samples with patches {counts}")
+        return [rows * c // total for c in counts]
+
+
+# ------------------------------------------------------------------------------------------- recorder
+class Recorder:
+    """Hooks that capture per-sample gradients of scoped parameters during one forward/backward.
+
+    Usage::
+
+        rec = Recorder(model, scope="linear")
+        with rec.capture(layout, on_param):     # on_param(name, ParamGrad) is called as each completes
+            loss_per_sample = objective(model, batch)
+            rec.backward(loss_per_sample)
+
+    Parameters keep ``requires_grad=False`` inside ``capture`` (no weight gradients are ever formed); the
+    backward runs through activations only, and each site's output gradient Δ is read by a tensor hook.
+    """
+
+    def __init__(self, model: nn.Module, scope: str = "linear", dtype: torch.dtype | None = None) -> None:
+        self.model = model
+        self.scope = scope
+        self.params = scope_parameters(model, scope)
+        self.uses = parameter_uses(model, self.params, scope)
+        self.dtype = dtype  # products in this dtype (e.g. fp32 for a bf16 model); None: the model's
+        missing = [n for n in self.params if n not in self.uses]
+        self.unused = missing  # parameters with no module use (kept at zero gradient)
+        self.fallback = [n for n, us in self.uses.items() if any(u.kind == "other" for u in us)]
+        self._handles: list = []
+        self._pending: dict[str, int] = {}
+        self._parts: dict[str, list] = {}
+        self._leaves: list[Tensor] = []
+        self._reentrant = False
+
+    # -- sizes for the cost model -------------------------------------------------------------------
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: tuple(p.shape) for n, p in self.params.items()}
+
+    # -- capture ----------------------------------------------------------------------------------------
+    def capture(self, layout: Layout, on_param: Callable[[str, ParamGrad], None]) -> Recorder:
+        self.layout = layout
+        self.on_param = on_param
+        return self
+
+    def __enter__(self) -> Recorder:
+        self._saved_flags = {id(p): p.requires_grad for p in self.model.parameters()}
+        fallback_ids = {id(self.params[n]) for n in self.fallback}
+        for p in self.model.parameters():
+            p.requires_grad_(id(p) in fallback_ids)
+        self._parts = defaultdict(list)
+        self._leaves = []
+        hooked: dict[int, nn.Module] = {}
+        for uses in self.uses.values():
+            for u in uses:
+                if u.kind != "other":
+                    hooked[id(u.module)] = u.module
+        self._module_uses: dict[int, list[tuple[str, Use]]] = defaultdict(list)
+        for name, uses in self.uses.items():
+            for u in uses:
+                if u.kind != "other":
+                    self._module_uses[id(u.module)].append((name, u))
+        for module in hooked.values():
+            self._handles.append(module.register_forward_hook(self._forward_hook))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for p in self.model.parameters():
+            p.requires_grad_(self._saved_flags[id(p)])
+        self._leaves = []
+        self._parts = defaultdict(list)
+
+    def _forward_hook(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
+        if not isinstance(output, Tensor) or self._reentrant:
+            return None
+        replaced = None
+        if not output.requires_grad:
+            output = output.detach().requires_grad_(True)
+            self._leaves.append(output)
+            replaced = output
+        x = inputs[0]
+        for name, _ in self._module_uses[id(module)]:
+            self._pending[name] = self._pending.get(name, 0) + 1
+        output.register_hook(lambda g, m=module, x=x: self._grad_hook(m, x, g))
+        return replaced
+
+    def _grad_hook(self, module: nn.Module, x: Tensor, grad: Tensor) -> None:
+        with torch.no_grad():
+            x, grad = x.detach(), grad.detach()  # stored factors must not keep the autograd graph alive
+            for name, use in self._module_uses[id(module)]:
+                self._parts[name].append(self._per_sample(use, x, grad))
+                self._pending[name] -= 1
+                if self._pending[name] == 0:
+                    self._emit(name)
+
+    def _cast(self, t: Tensor) -> Tensor:
+        return t if self.dtype is None else t.to(self.dtype)
+
+    def _per_sample(self, use: Use, x: Tensor, grad: Tensor) -> LowRank | Tensor:
+        """One call's per-sample gradient for one use: a LowRank term or a dense ``(B, n)`` tensor."""
+        L = self.layout
+        if use.kind in ("linear", "conv1d", "patch", "bias"):
+            d_out = L.to_rows(self._cast(grad.reshape(grad.shape[0], -1) if use.kind == "patch" else grad))
+            if use.kind == "bias":
+                return d_out.sum(1)
+            a = L.to_rows(self._cast(x.reshape(x.shape[0], -1) if use.kind == "patch" else x))
+            if use.kind == "conv1d":  # weight is (d_in, d_out)
+                return LowRank(Factor(a), Factor(d_out))
+            return LowRank(Factor(d_out), Factor(a))
+        if use.kind == "embedding":
+            ids = L.to_rows(x.unsqueeze(-1)).squeeze(-1).long()
+            d = L.to_rows(self._cast(grad))
+            pad = use.module.padding_idx
+            if pad is not None:
+                ids = ids.masked_fill(ids == pad, -1)
+            return LowRank(Factor(ids=ids, width=use.module.num_embeddings), Factor(d))
+        if use.kind == "elementwise":
+            return self._elementwise(use, x, grad)
+        raise AssertionError(use.kind)
+
+    def _elementwise(self, use: Use, x: Tensor, grad: Tensor) -> Tensor:
+        """Σ_t δ_t ∘ ∂y_t/∂w for a module whose output channel k depends on w_k only (a norm's scale)."""
+        from torch.func import functional_call, jvp
+
+        module = use.module
+        params = {k: v.detach() for k, v in module.named_parameters(recurse=False)}
+        w = params[use.role]
+
+        def f(v: Tensor) -> Tensor:
+            return functional_call(module, {**params, use.role: v}, (x.detach(),))
+
+        self._reentrant = True  # the module runs again: our own forward hook must not record it
+        try:
+            _, dy = jvp(f, (w,), (torch.ones_like(w),))
+        finally:
+            self._reentrant = False
+        d = self.layout.to_rows(self._cast(grad))
+        dy = self.layout.to_rows(self._cast(dy))
+        return (d * dy).sum(1)
+
+    def _emit(self, name: str) -> None:
+        parts = self._parts.pop(name)
+        pg = ParamGrad()
+        for part in parts:
+            if isinstance(part, LowRank):
+                pg.terms.append(part)
+            else:
+                pg.dense = part if pg.dense is None else pg.dense + part
+        self.on_param(name, pg)
+
+    # -- backward ---------------------------------------------------------------------------------------
+    def backward(self, per_sample: Tensor) -> None:
+        """Backpropagate Σ_b per_sample[b]; emit every scoped parameter's per-sample gradient."""
+        if self.fallback:
+            fb = [self.params[n] for n in self.fallback]
+            rows = [torch.autograd.grad(per_sample[b], fb, retain_graph=True, allow_unused=True)
+                    for b in range(per_sample.shape[0])]
+            for i, n in enumerate(self.fallback):
+                dense = torch.stack([
+                    (r[i] if r[i] is not None else torch.zeros_like(fb[i])).reshape(-1) for r in rows])
+                self._parts[n].append(self._cast(dense))
+        leaves = [t for t in self._leaves if t.requires_grad]
+        if leaves:
+            torch.autograd.grad(per_sample.sum(), leaves, allow_unused=True)
+        for name in list(self._parts):  # fallback parts, and uses whose output got no gradient
+            self._emit(name)
+        self._pending.clear()
+        B = self.layout.batch
+        for name in self.params:
+            if name in self.unused:
+                self.on_param(name, ParamGrad(dense=torch.zeros(B, self.params[name].numel())))
+
+
+# --------------------------------------------------------------------------------------------- cost model
+@dataclass
+class FormPlan:
+    """Per parameter: keep the probe side ``dense`` (materialised) or ``lowrank`` (ghost)."""
+
+    forms: dict[str, str]
+    dense_bytes: int
+
+    def dense(self, name: str) -> bool:
+        return self.forms.get(name) == "dense"
+
+
+def plan_forms(
+    recorder: Recorder,
+    n_probes: int,
+    probe_len: float,
+    train_len: float,
+    completion_len: tuple[float, float],
+    budget_bytes: int,
+    element_bytes: int = 4,
+    force: str | None = None,
+) -> FormPlan:
+    """Choose, per parameter, the cheaper way to take inner products against all probes, within memory.
+
+    Per training sample, against P probes (T_p, T_u tokens): ghost costs P·T_p·T_u·(d_in + d_out) (plus
+    T_u²·(d_in + d_out) for the sample's own norm); materialised costs T_u·d_in·d_out to build G_u, then
+    P·d_in·d_out for the dot products, and P·d_in·d_out·bytes of memory for the probe side. Parameters are
+    switched to materialised in order of saved work per byte while the budget lasts. Uses read only at
+    completion positions (an lm_head) see the completion lengths. Tied or multi-use parameters stay ghost.
+    ``force`` ("ghost" or "dense") overrides the choice for every single-use linear parameter.
+    """
+    forms: dict[str, str] = {}
+    gains: list[tuple[float, int, str]] = []
+    for name, uses in recorder.uses.items():
+        kinds = {u.kind for u in uses}
+        if len(uses) > 1 or not kinds <= {"linear", "conv1d", "patch"}:
+            forms[name] = "dense" if kinds <= {"bias", "elementwise", "other"} else "lowrank"
+            continue
+        p = recorder.params[name]
+        d_out, d_in = p.shape[0], p[0].numel()
+        head = uses[0].module is _output_head(recorder.model)
+        tp, tu = completion_len if head else (probe_len, train_len)
+        ghost = n_probes * tp * tu * (d_in + d_out) + tu * tu * (d_in + d_out)
+        dense = tu * d_in * d_out + n_probes * d_in * d_out
+        forms[name] = "dense" if force == "dense" else "lowrank"
+        if force is None and dense < ghost:
+            mem = n_probes * d_in * d_out * element_bytes
+            gains.append(((ghost - dense) / max(mem, 1), mem, name))
+    used = 0
+    for _, mem, name in sorted(gains, reverse=True):
+        if used + mem <= budget_bytes:
+            forms[name] = "dense"
+            used += mem
+    return FormPlan(forms, used)
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
+
+
+# -------------------------------------------------------------------------------------------- projections
+def _gaussian(shape: tuple[int, ...], seed: int, dtype: torch.dtype) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+
+
+@dataclass
+class Projector:
+    """Random projections of per-sample gradients into k-dimensional features, φ(g) with E⟨φ(g),φ(h)⟩ = ⟨g,h⟩.
+
+    ``kind="jl"`` (TRAK-style): φ(g) = R g, R ∈ ℝ^{k×n} i.i.d. N(0, 1/k) over the whole gradient (generated
+    block by block from the seed, never stored); Var⟨φ(g),φ(h)⟩ ≤ 2‖g‖²‖h‖²/k, so cosine errors have standard
+    deviation ≤ √(2/k).
+    ``kind="kron"`` (LoGra-style): per low-rank parameter, φ(Δᵀ A) = (Δ P_out)ᵀ (A P_in) with Gaussian
+    P_out ∈ ℝ^{d_out×k_o}, P_in ∈ ℝ^{d_in×k_i}, k_o·k_i ≈ k; built inside the hooks, never materialising G.
+    Dense parts (norms, biases) are kept exactly when they have at most k entries, else JL-projected.
+    """
+
+    kind: str = "kron"
+    dim: int = 1024
+    seed: int = 0
+    _cache: dict = field(default_factory=dict)
+
+    def features(self, names: Iterable[str], grads: dict[str, ParamGrad], shapes: dict[str, tuple]) -> Tensor:
+        """Concatenated features ``(B, D)`` of a batch's per-parameter gradients (in ``names`` order)."""
+        parts = []
+        for i, name in enumerate(names):
+            g = grads[name]
+            if self.kind == "kron" and g.terms and g.dense is None:
+                parts.append(self._kron(i, g, shapes[name]))
+            else:
+                parts.append(self._dense(i, g.materialise()))
+        return torch.cat(parts, dim=1)
+
+    def _kron(self, i: int, g: ParamGrad, shape: tuple) -> Tensor:
+        d_out, d_in = shape[0], math.prod(shape[1:])
+        k_o = max(1, min(d_out, round(math.sqrt(self.dim))))
+        k_i = max(1, min(d_in, self.dim // k_o))
+        dtype = (g.terms[0].inp.dense if g.terms[0].inp.dense is not None else g.terms[0].out.dense).dtype
+        key = ("kron", i, dtype)
+        if key not in self._cache:
+            p_out = _gaussian((d_out, k_o), self.seed * 1_000_003 + 2 * i, dtype) / math.sqrt(k_o)
+            p_in = _gaussian((d_in, k_i), self.seed * 1_000_003 + 2 * i + 1, dtype) / math.sqrt(k_i)
+            self._cache[key] = (p_out, p_in)
+        p_out, p_in = self._cache[key]
+        total = 0
+        for t in g.terms:
+            po = _project_factor(t.out, p_out)
+            pi = _project_factor(t.inp, p_in)
+            total = total + torch.einsum("bto,bti->boi", po, pi).reshape(po.shape[0], -1)
+        return total
+
+    def _dense(self, i: int, g: Tensor) -> Tensor:
+        n = g.shape[1]
+        k = self.dim
+        if self.kind == "kron" and n <= k:
+            return g
+        out = g.new_zeros(g.shape[0], k)
+        block = max(1, (1 << 22) // k)
+        for j, start in enumerate(range(0, n, block)):
+            r = _gaussian((min(block, n - start), k), self.seed * 1_000_003 + 7919 * (i + 1) + j, g.dtype)
+            out += g[:, start:start + block] @ r
+        return out / math.sqrt(k)
+
+
+def _project_factor(f: Factor, proj: Tensor) -> Tensor:
+    if f.dense is not None:
+        return f.dense @ proj
+    rows = proj[f.ids.clamp(min=0)]
+    return rows * (f.ids >= 0).unsqueeze(-1)

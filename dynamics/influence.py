@@ -1,0 +1,764 @@
+"""Per-sample gradient influence of training samples on prior-knowledge probes.
+
+The maths
+---------
+For a probe o = (x_o, y_o) and a training sample u = (x_u, y_u) let g(z) = ∇_θ log π_θ(y | x), the log-likelihood
+of the completion tokens summed (``reduce="sum"``) or averaged (``reduce="mean"``) under the project's tokenization
+convention (:mod:`dynamics.data`). The empirical NTK entry is
+
+    K(o, u) = ⟨g(o), g(u)⟩ .
+
+One SGD step of size η on u's log-likelihood moves θ by η g(u), so it changes the probe's log-likelihood by
+
+    Δ log π(y_o | x_o) = η K(o, u) + O(η²)                    (Ren & Sutherland, ICLR 2025)
+
+For every pair we report ``kernel`` K, ``cosine`` K / (‖g(o)‖ ‖g(u)‖), ``train_norm`` ‖g(u)‖ and ``probe_norm``
+‖g(o)‖. The *magnitude* of u's influence on prior knowledge is ‖g(u)‖ (and mean |K| over probes); its
+*direction* is the cosine, whose sign says whether learning u helps (> 0) or hurts (< 0) the probe.
+
+Ren & Sutherland's per-token decomposition Δ log π(·|x_o) = −η A(x_o) 𝒦(x_o, x_u) G(x_u, y_u) + O(η²), with
+A = I − 1πᵀ the log-softmax Jacobian, 𝒦 the eNTK of the logits and G = π − e_y the loss gradient at the logits,
+gives the study's lower bound on the logit-eNTK's size from one measured step (:func:`one_step`):
+
+    ‖𝒦(x_o, x_u)‖_F ≥ ‖Δ log π(·|x_o)‖ / (η ‖A(x_o)‖₂ ‖G(x_u)‖),   ‖A‖₂ = √(V ‖π‖²) in closed form,
+
+(over several probe tokens A is block diagonal, so its norm is the largest block's; G stacks the train tokens).
+
+The engine (:mod:`dynamics.gradients`) never materialises every per-sample gradient: probes are stored in compact
+form (low-rank factors, or materialised matrices for layers where that is cheaper and fits ``max_memory``), then
+each training batch runs one forward and one backward through activations only, and its per-sample gradients are
+contracted with the probe store layer by layer inside the backward hooks. Logits are formed only at completion
+positions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from dynamics.data import Encoded, collate, context_length, encode_record
+from dynamics.errors import DynamicsError
+from dynamics.gradients import (
+    FormPlan,
+    Layout,
+    ParamGrad,
+    Projector,
+    Recorder,
+    inner,
+    plan_forms,
+    self_inner,
+)
+from dynamics.models import LoadedModel
+from dynamics.store import atomic_path, file_hash, versions, write_json
+
+COLUMNS = ["ckpt", "step", "train_id", "probe_id", "kernel", "cosine", "train_norm", "probe_norm"]
+
+
+@dataclass
+class InfluenceConfig:
+    """How to compute influence; shared by :func:`compute` and ``dynamics influence``."""
+
+    params: str = "linear"  # linear | all | lora | a regex over parameter names
+    reduce: str = "sum"  # sum | mean over completion tokens
+    batch_size: int = 8
+    max_memory_gb: float | None = None  # probe-store budget; default 40% of RAM (of GPU memory on CUDA)
+    dtype: str = "float32"  # float32 | float64 | bfloat16 (products then run in float32)
+    mode: str = "exact"  # exact | projected
+    proj_dim: int = 1024
+    projection: str = "kron"  # kron (LoGra-style, per layer) | jl (TRAK-style, whole gradient)
+    proj_seed: int = 0
+    contraction: str = "auto"  # auto (cheaper per layer and batch) | ghost | dense (force one, e.g. to compare)
+    per_token: bool = False  # also the kernel of each probe token with each training sample
+    target: str = "base"  # probe completion: the base model's own response (base) or the gold one (gold)
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        if self.reduce not in ("sum", "mean"):
+            raise DynamicsError(f"--reduce must be sum or mean, got {self.reduce!r}", field="reduce")
+        if self.mode not in ("exact", "projected"):
+            raise DynamicsError(f"--mode must be exact or projected, got {self.mode!r}", field="mode")
+        if self.projection not in ("kron", "jl"):
+            raise DynamicsError(f"--projection must be kron or jl, got {self.projection!r}", field="projection")
+        if self.target not in ("base", "gold"):
+            raise DynamicsError(f"--target must be base or gold, got {self.target!r}", field="target")
+        if self.batch_size < 1 or self.proj_dim < 1:
+            raise DynamicsError("--batch-size and --proj-dim must be positive", field="batch_size")
+        if self.contraction not in ("auto", "ghost", "dense"):
+            raise DynamicsError(f"--contraction must be auto, ghost or dense, got {self.contraction!r}",
+                                field="contraction")
+        if self.per_token and self.mode != "exact":
+            raise DynamicsError("--per-token needs --mode exact", field="per_token")
+
+
+# --------------------------------------------------------------------------------------------- objective
+def _split_model(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
+    """(HF model, its body returning hidden states, its output head), looking through peft wrappers."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return hf, hf.base_model, hf.get_output_embeddings()
+
+
+def completion_positions(input_ids: Tensor, completion_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Positions whose next token is a completion token, as a right-padded ``(B, Tc)`` index with its validity
+    mask and the target ids: hidden state at position t predicts token t+1."""
+    predicts = completion_mask[:, 1:].bool()
+    counts = predicts.sum(1)
+    width = max(int(counts.max()), 1)
+    pos = torch.zeros(input_ids.shape[0], width, dtype=torch.long)
+    valid = torch.zeros(input_ids.shape[0], width, dtype=torch.bool)
+    for b in range(input_ids.shape[0]):
+        idx = predicts[b].nonzero().squeeze(1)
+        pos[b, : len(idx)] = idx
+        valid[b, : len(idx)] = True
+    targets = input_ids.gather(1, pos + 1)
+    return pos, valid, targets
+
+
+def token_logprobs(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """log π(y_t | y_<t, x) at every completion token, ``(B, Tc)`` (zero where invalid), and the validity mask.
+
+    The body runs on the whole sequence; the output head only on the completion positions (rows of padding
+    are zero, so they carry no gradient)."""
+    hf, body, head = _split_model(model)
+    device = next(model.parameters()).device
+    keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
+    inputs = {k: batch[k].to(device) for k in keys if k in batch}
+    hidden = body(**inputs, use_cache=False).last_hidden_state
+    pos, valid, targets = (t.to(device) for t in completion_positions(batch["input_ids"], batch["completion_mask"]))
+    h = hidden.gather(1, pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])) * valid.unsqueeze(-1)
+    logits = head(h)
+    cap = getattr(hf.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return logp * valid, valid
+
+
+def sequence_weights(valid: Tensor, reduce: str) -> Tensor:
+    """Per-token weights turning token log-probs into the per-sample objective: 1 (sum) or 1/T (mean)."""
+    w = valid.to(torch.float32)
+    return w / w.sum(1, keepdim=True).clamp(min=1) if reduce == "mean" else w
+
+
+# ----------------------------------------------------------------------------------------------- batches
+@dataclass
+class Batches:
+    """Encoded samples, batched by similar length (less padding), with each batch's original indices."""
+
+    encoded: list[Encoded]
+    batch_size: int
+    order: list[list[int]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        by_len = sorted(range(len(self.encoded)), key=lambda i: len(self.encoded[i].input_ids))
+        self.order = [by_len[i:i + self.batch_size] for i in range(0, len(by_len), self.batch_size)]
+
+    def __iter__(self):
+        for idx in self.order:
+            yield idx, [self.encoded[i] for i in idx]
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def mean_len(self, completion: bool = False) -> float:
+        lens = [sum(e.completion_mask) if completion else len(e.input_ids) for e in self.encoded]
+        return float(np.mean(lens)) if lens else 0.0
+
+
+def encode_all(lm: LoadedModel, records: Sequence[dict], completions: Sequence | None = None) -> list[Encoded]:
+    """Encode records (optionally with other completions), checking each fits the model's context."""
+    limit = context_length(lm.model)
+    out = []
+    for i, rec in enumerate(records):
+        enc = encode_record(lm.processing_class, rec, max_length=limit,
+                            completion=None if completions is None else completions[i])
+        if not any(enc.completion_mask):
+            raise DynamicsError(f"record {rec['id']} has no completion tokens", field="completion")
+        out.append(enc)
+    return out
+
+
+def _layout(items: Sequence[Encoded]) -> Layout:
+    counts = [int(e.image_grid_thw.prod(-1).sum()) if e.image_grid_thw is not None else 0 for e in items]
+    return Layout(len(items), counts if any(counts) else None)
+
+
+def _memory_budget(config: InfluenceConfig) -> int:
+    if config.max_memory_gb is not None:
+        return int(config.max_memory_gb * 2**30)
+    if config.device.startswith("cuda") and torch.cuda.is_available():
+        return int(0.4 * torch.cuda.get_device_properties(0).total_memory)
+    try:
+        return int(0.4 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 4 * 2**30
+
+
+# ------------------------------------------------------------------------------------------- the engine
+class _GradientPass:
+    """Runs batches through the model with a :class:`Recorder`, handing each parameter's per-sample gradient to
+    a callback; owns dtype handling and per-token expansion."""
+
+    def __init__(self, lm: LoadedModel, config: InfluenceConfig) -> None:
+        self.lm = lm
+        self.config = config
+        model_dtype = next(lm.model.parameters()).dtype
+        self.compute_dtype = torch.float32 if model_dtype in (torch.bfloat16, torch.float16) else None
+        self.recorder = Recorder(lm.model, config.params, dtype=self.compute_dtype)
+        self.pad_id = lm.tokenizer.pad_token_id
+
+    def run(self, items: Sequence[Encoded], on_param: Callable[[str, ParamGrad], None],
+            token_weights: Tensor | None = None) -> Tensor:
+        """One forward/backward; returns the per-sample objective values (detached)."""
+        batch = collate(items, self.pad_id)
+        with torch.enable_grad(), self.recorder.capture(_layout(items), on_param):
+            logp, valid = token_logprobs(self.lm.model, batch)
+            weights = token_weights if token_weights is not None else sequence_weights(valid, self.config.reduce)
+            per_sample = (logp * weights.to(logp.device)).sum(1)
+            self.recorder.backward(per_sample)
+        return per_sample.detach()
+
+
+@dataclass
+class ProbeStore:
+    """The probes' per-sample gradients in compact form: low-rank terms per probe batch, and materialised
+    ``(P, n)`` matrices for the parameters planned (or later switched) to dense."""
+
+    n: int
+    lowrank: dict[str, list[tuple[Tensor, ParamGrad]]] = field(default_factory=dict)
+    dense: dict[str, Tensor] = field(default_factory=dict)
+    norms_sq: Tensor | None = None
+
+    def materialise(self, name: str) -> Tensor:
+        parts = self.lowrank[name]
+        first = parts[0][1].materialise()
+        out = first.new_zeros(self.n, first.shape[1])
+        out[parts[0][0]] = first
+        for idx, pg in parts[1:]:
+            out[idx] = pg.materialise()
+        return out
+
+
+def _dims(recorder: Recorder, name: str) -> tuple[int, int] | None:
+    """(d_out, d_in) for a parameter with a single linear-like use, else None."""
+    uses = recorder.uses.get(name, [])
+    if len(uses) != 1 or uses[0].kind not in ("linear", "conv1d", "patch"):
+        return None
+    p = recorder.params[name]
+    return p.shape[0], p[0].numel()
+
+
+def _probe_pass(engine: _GradientPass, probes: Batches, plan: FormPlan, weights: list[Tensor] | None,
+                keep_lowrank: bool = True) -> ProbeStore:
+    """Run the probes once and keep their gradients: materialised where planned dense, and (if
+    ``keep_lowrank``) low-rank everywhere so each training batch can still pick the cheaper contraction."""
+    store = ProbeStore(n=len(probes.encoded))
+    norms = torch.zeros(store.n, dtype=torch.float64)
+    for b, (idx, items) in enumerate(probes):
+        index = torch.tensor(idx)
+
+        def on_param(name: str, pg: ParamGrad, index: Tensor = index) -> None:
+            norms[index] += self_inner(pg).double().cpu()
+            if plan.dense(name):
+                if name not in store.dense:
+                    store.dense[name] = torch.zeros(store.n, engine.recorder.params[name].numel(),
+                                                    dtype=engine.compute_dtype or engine.recorder.params[name].dtype)
+                store.dense[name][index] = pg.materialise()
+            if not plan.dense(name) or (keep_lowrank and pg.terms):
+                store.lowrank.setdefault(name, []).append((index, pg))
+
+        engine.run(items, on_param, None if weights is None else weights[b])
+    store.norms_sq = norms
+    return store
+
+
+def _train_pass(engine: _GradientPass, train: Batches, store: ProbeStore, budget: int,
+                progress: Callable[[int], None] | None = None) -> tuple[Tensor, Tensor]:
+    """Kernel ``(N_train, P)`` and train norms² against a probe store, one forward+backward per batch."""
+    K = torch.zeros(len(train.encoded), store.n, dtype=torch.float64)
+    norms = torch.zeros(len(train.encoded), dtype=torch.float64)
+    used = [sum(t.numel() * t.element_size() for t in store.dense.values())]
+    for idx, items in train:
+        index = torch.tensor(idx)
+        rows = torch.zeros(len(idx), store.n, dtype=torch.float64)
+        nrm = torch.zeros(len(idx), dtype=torch.float64)
+
+        def on_param(name: str, pg: ParamGrad) -> None:
+            nonlocal rows, nrm
+            if _use_dense(engine, store, name, pg, budget, used):
+                g = pg.materialise()
+                rows += (g @ store.dense[name].T).double().cpu()
+                nrm += (g * g).sum(1).double().cpu()
+                return
+            for pidx, ppg in store.lowrank[name]:
+                rows[:, pidx] += inner(pg, ppg).double().cpu()
+            nrm += self_inner(pg).double().cpu()
+
+        engine.run(items, on_param)
+        K[index] = rows
+        norms[index] = nrm
+        if progress:
+            progress(len(idx))
+    return K, norms
+
+
+def _use_dense(engine: _GradientPass, store: ProbeStore, name: str, pg: ParamGrad, budget: int,
+               used: list[int]) -> bool:
+    """Per batch and parameter: contract via materialised gradients, or via the ghost inner product?"""
+    if name not in store.lowrank:
+        return True
+    if pg.dense is not None and not pg.terms:
+        return name in store.dense
+    dims = _dims(engine.recorder, name)
+    if dims is None:
+        return False
+    d_out, d_in = dims
+    B, T_u = pg.terms[0].batch, pg.terms[0].inp.length
+    P = store.n
+    T_p = float(np.mean([p.terms[0].inp.length for _, p in store.lowrank[name]]))
+    ghost = B * P * T_p * T_u * (d_in + d_out) + B * T_u * T_u * (d_in + d_out)
+    dense = B * T_u * d_in * d_out + B * P * d_in * d_out
+    if name not in store.dense:
+        bytes_needed = P * d_in * d_out * 4
+        dense += P * T_p * d_in * d_out
+        if dense >= ghost or used[0] + bytes_needed > budget:
+            return False
+        store.dense[name] = store.materialise(name)
+        used[0] += bytes_needed
+        return True
+    return dense < ghost
+
+
+# --------------------------------------------------------------------------------------------- public API
+def _probe_completions(probes: Sequence[dict], target: str) -> list:
+    if target == "gold":
+        return [p["completion"] for p in probes]
+    from dynamics.probes import probe_target
+
+    return [probe_target(p, target) for p in probes]
+
+
+def _expand_per_token(encoded: list[Encoded]) -> tuple[list[Encoded], list[tuple[int, int]]]:
+    """One pseudo-probe per completion token (same input, weight on that token only)."""
+    out, keys = [], []
+    for i, e in enumerate(encoded):
+        for t in range(sum(e.completion_mask) - 1 if e.completion_mask[-1] else sum(e.completion_mask)):
+            out.append(e)
+            keys.append((i, t))
+    return out, keys
+
+
+def compute(
+    lm: LoadedModel,
+    train: Sequence[dict],
+    probes: Sequence[dict],
+    config: InfluenceConfig | None = None,
+    ckpt: str = "",
+    step: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> pd.DataFrame:
+    """The influence table (one row per training sample x probe) for one model; see the module docstring."""
+    config = config or InfluenceConfig()
+    config.validate()
+    train_enc = encode_all(lm, train)
+    probe_enc = encode_all(lm, probes, _probe_completions(probes, config.target))
+    if config.mode == "projected":
+        feats_t, feats_p = projected_features(lm, train_enc, probe_enc, config, progress)
+        K = (feats_t @ feats_p.T).double()
+        tn, pn = feats_t.double().norm(dim=1), feats_p.double().norm(dim=1)
+    else:
+        K, tn_sq, pn_sq = exact_kernel(lm, train_enc, probe_enc, config, progress)
+        tn, pn = tn_sq.clamp(min=0).sqrt(), pn_sq.clamp(min=0).sqrt()
+    return kernel_table(K, tn, pn, [r["id"] for r in train], [p["id"] for p in probes], ckpt, step)
+
+
+def kernel_table(K: Tensor, train_norm: Tensor, probe_norm: Tensor, train_ids: Sequence[str],
+                 probe_ids: Sequence[str], ckpt: str = "", step: int = 0) -> pd.DataFrame:
+    """Long-format table of a kernel matrix with cosines and norms (the ``influence.parquet`` rows)."""
+    n, p = K.shape
+    denom = (train_norm[:, None] * probe_norm[None, :]).clamp(min=1e-300)
+    cos = (K / denom).numpy()
+    bad = ~np.isfinite(K.numpy())
+    if bad.any():
+        i, j = np.argwhere(bad)[0]
+        raise FloatingPointError(f"non-finite kernel for train sample {train_ids[i]} and probe {probe_ids[j]}")
+    return pd.DataFrame({
+        "ckpt": ckpt,
+        "step": np.int64(step),
+        "train_id": np.repeat(np.asarray(train_ids, dtype=object), p),
+        "probe_id": np.tile(np.asarray(probe_ids, dtype=object), n),
+        "kernel": K.numpy().reshape(-1),
+        "cosine": cos.reshape(-1),
+        "train_norm": np.repeat(train_norm.numpy(), p),
+        "probe_norm": np.tile(probe_norm.numpy(), n),
+    })[COLUMNS]
+
+
+def exact_kernel(lm: LoadedModel, train_enc: list[Encoded], probe_enc: list[Encoded],
+                 config: InfluenceConfig, progress: Callable[[int], None] | None = None,
+                 probe_weights: list[Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact K ``(N, P)``, train norms² ``(N,)`` and probe norms² ``(P,)``."""
+    engine = _GradientPass(lm, config)
+    probes = Batches(probe_enc, config.batch_size)
+    train = Batches(train_enc, config.batch_size)
+    budget = _memory_budget(config)
+    plan = plan_forms(engine.recorder, len(probe_enc), probes.mean_len(), train.mean_len(),
+                      (probes.mean_len(True), train.mean_len(True)), budget,
+                      element_bytes=4 if engine.compute_dtype else next(lm.model.parameters()).element_size(),
+                      force=None if config.contraction == "auto" else config.contraction)
+    if config.contraction == "ghost":
+        budget = 0
+    store = _probe_pass(engine, probes, plan, probe_weights, keep_lowrank=config.contraction == "auto")
+    K, train_sq = _train_pass(engine, train, store, budget, progress)
+    return K, train_sq, store.norms_sq
+
+
+def per_token_kernel(lm: LoadedModel, train: Sequence[dict], probes: Sequence[dict],
+                     config: InfluenceConfig, ckpt: str = "", step: int = 0) -> pd.DataFrame:
+    """Kernel between each probe *token*'s log-likelihood gradient and each training sample's gradient."""
+    train_enc = encode_all(lm, train)
+    probe_enc = encode_all(lm, probes, _probe_completions(probes, config.target))
+    expanded, keys = _expand_per_token(probe_enc)
+    batches = Batches(expanded, config.batch_size)
+    weights = []
+    for idx, items in batches:
+        batch = collate(items, lm.tokenizer.pad_token_id)
+        _, valid, _ = completion_positions(batch["input_ids"], batch["completion_mask"])
+        w = torch.zeros(valid.shape)
+        for r, i in enumerate(idx):
+            w[r, keys[i][1]] = 1.0
+        weights.append(w)
+    # Batches sorts by length: feed the same order the weights were built in
+    K, _, _ = exact_kernel(lm, train_enc, expanded, config, probe_weights=weights)
+    rows = []
+    tok = lm.tokenizer
+    for j, (i, t) in enumerate(keys):
+        enc = probe_enc[i]
+        comp = [tid for tid, m in zip(enc.input_ids, enc.completion_mask, strict=True) if m]
+        for u, rec in enumerate(train):
+            rows.append({"ckpt": ckpt, "step": step, "train_id": rec["id"], "probe_id": probes[i]["id"],
+                         "token_index": t, "token": tok.decode([comp[t]]), "kernel": float(K[u, j])})
+    return pd.DataFrame(rows)
+
+
+def projected_features(lm: LoadedModel, train_enc: list[Encoded], probe_enc: list[Encoded],
+                       config: InfluenceConfig, progress: Callable[[int], None] | None = None,
+                       ) -> tuple[Tensor, Tensor]:
+    """Projected per-sample features ``(N, D)`` and ``(P, D)``; ⟨φ(u), φ(o)⟩ estimates K(o, u)."""
+    return (features(lm, train_enc, config, progress), features(lm, probe_enc, config))
+
+
+def features(lm: LoadedModel, encoded: list[Encoded], config: InfluenceConfig,
+             progress: Callable[[int], None] | None = None) -> Tensor:
+    """Projected gradient features of encoded samples, one forward+backward per batch."""
+    engine = _GradientPass(lm, config)
+    projector = Projector(config.projection, config.proj_dim, config.proj_seed)
+    names = list(engine.recorder.params)
+    shapes = engine.recorder.shapes()
+    out: Tensor | None = None
+    for idx, items in Batches(encoded, config.batch_size):
+        grads: dict[str, ParamGrad] = {}
+        engine.run(items, grads.__setitem__)
+        with torch.no_grad():
+            f = projector.features(names, grads, shapes).to(torch.float32).cpu()
+        if out is None:
+            out = torch.zeros(len(encoded), f.shape[1])
+        out[torch.tensor(idx)] = f
+        if progress:
+            progress(len(idx))
+    return out
+
+
+# ----------------------------------------------------------------------------------------- one-step estimator
+@dataclass
+class OneStepResult:
+    """Measured effect of one real optimizer step on each training sample."""
+
+    table: pd.DataFrame  # train_id, probe_id, dlogp_measured, dlogp_predicted, entk_fro_lower_bound
+    pearson: float
+    spearman: float
+
+
+def _probe_logits_state(lm: LoadedModel, probe_batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Full-vocabulary log-softmax at probe completion positions ``(P, Tc, V)``, validity, and targets."""
+    hf, body, head = _split_model(lm.model)
+    keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
+    hidden = body(**{k: probe_batch[k] for k in keys if k in probe_batch}, use_cache=False).last_hidden_state
+    pos, valid, targets = completion_positions(probe_batch["input_ids"], probe_batch["completion_mask"])
+    h = hidden.gather(1, pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    return torch.log_softmax(head(h).float(), -1), valid, targets
+
+
+def one_step(
+    lm: LoadedModel,
+    train: Sequence[dict],
+    probes: Sequence[dict],
+    config: InfluenceConfig,
+    lr: float = 1e-4,
+    optimizer: str = "sgd",
+    optimizer_state: dict | None = None,
+    kernel: Tensor | None = None,
+) -> OneStepResult:
+    """For each training sample: take one real optimizer step on its log-likelihood (only the scoped
+    parameters move), measure Δ log π of every probe, restore the weights.
+
+    With SGD the first-order prediction is η K(o, u) (``kernel``, computed if not given); with Adam the
+    update is preconditioned (``optimizer_state`` from a checkpoint's ``optimizer.pt`` gives its moments) and
+    only the measured change and the lower bound are reported.
+    """
+    from scipy import stats
+
+    config.validate()
+    model = lm.model
+    recorder_params = Recorder(model, config.params).params
+    params = list(recorder_params.values())
+    probe_enc = encode_all(lm, probes, _probe_completions(probes, config.target))
+    train_enc = encode_all(lm, train)
+    if kernel is None and optimizer == "sgd":
+        kernel, _, _ = exact_kernel(lm, train_enc, probe_enc, config)
+    probe_batch = collate(probe_enc, lm.tokenizer.pad_token_id)
+    saved_flags = {id(p): p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():
+        logsm0, valid, targets = _probe_logits_state(lm, probe_batch)
+    w_probe = sequence_weights(valid, config.reduce)
+    base = (logsm0.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * w_probe).sum(1).double()
+    # ‖A‖₂ per probe: max over its tokens of √(V ‖π_t‖²)
+    V = logsm0.shape[-1]
+    a_norm = ((V * logsm0.exp().pow(2).sum(-1)).sqrt() * valid).amax(1).double()
+    rows = []
+    snapshot = [p.detach().clone() for p in params]
+    try:
+        for u, enc in enumerate(train_enc):
+            batch = collate([enc], lm.tokenizer.pad_token_id)
+            for p in params:
+                p.requires_grad_(True)
+            with torch.enable_grad():
+                hf, body, head = _split_model(model)
+                logp, valid_u = token_logprobs(model, batch)
+                w_u = sequence_weights(valid_u, config.reduce)
+                objective = (logp * w_u).sum()
+                grads = torch.autograd.grad(objective, params, allow_unused=True)
+            # ‖G_u‖ = sqrt(Σ_s w_s² ‖π_s − e_{y_s}‖²), π at the train sample's completion positions
+            with torch.no_grad():
+                lsm_u, _, tgt_u = _probe_logits_state(lm, batch)
+                pi = lsm_u.exp()
+                g_sq = pi.pow(2).sum(-1) - 2 * pi.gather(-1, tgt_u.unsqueeze(-1)).squeeze(-1) + 1
+                g_norm = float((g_sq * w_u.pow(2)).sum().sqrt())
+                _apply_step(params, grads, lr, optimizer, optimizer_state)
+                logsm1, _, _ = _probe_logits_state(lm, probe_batch)
+                after = (logsm1.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * w_probe).sum(1).double()
+                d_full = ((logsm1 - logsm0) * valid.unsqueeze(-1)).double().pow(2).sum((1, 2)).sqrt()
+                for p, s in zip(params, snapshot, strict=True):
+                    p.copy_(s)
+                    p.requires_grad_(False)
+            for o in range(len(probes)):
+                rows.append({
+                    "train_id": train[u]["id"], "probe_id": probes[o]["id"],
+                    "dlogp_measured": float(after[o] - base[o]),
+                    "dlogp_predicted": float(lr * kernel[u, o]) if kernel is not None else float("nan"),
+                    "entk_fro_lower_bound": float(d_full[o] / (lr * a_norm[o] * g_norm)) if g_norm > 0 else 0.0,
+                })
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, snapshot, strict=True):
+                p.copy_(s)
+        for p in model.parameters():
+            p.requires_grad_(saved_flags[id(p)])
+    table = pd.DataFrame(rows)
+    if optimizer == "sgd" and len(table) > 2:
+        pr = float(stats.pearsonr(table.dlogp_predicted, table.dlogp_measured)[0])
+        sr = float(stats.spearmanr(table.dlogp_predicted, table.dlogp_measured)[0])
+    else:
+        pr = sr = float("nan")
+    return OneStepResult(table, pr, sr)
+
+
+def _apply_step(params: list, grads: Sequence[Tensor | None], lr: float, optimizer: str,
+                state: dict | None) -> None:
+    """θ ← θ + η·update(g) for the log-likelihood gradient g (ascent = descent on the NLL)."""
+    if optimizer == "sgd":
+        for p, g in zip(params, grads, strict=True):
+            if g is not None:
+                p.add_(g, alpha=lr)
+        return
+    if optimizer != "adam":
+        raise DynamicsError(f"optimizer must be sgd or adam, got {optimizer!r}", field="optimizer")
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        if g is None:
+            continue
+        st = (state or {}).get(i, {})
+        m = st.get("exp_avg", torch.zeros_like(p)).to(p.dtype)
+        v = st.get("exp_avg_sq", torch.zeros_like(p)).to(p.dtype)
+        t = int(st.get("step", 0)) + 1
+        nll_grad = -g
+        m = beta1 * m + (1 - beta1) * nll_grad
+        v = beta2 * v + (1 - beta2) * nll_grad * nll_grad
+        m_hat, v_hat = m / (1 - beta1**t), v / (1 - beta2**t)
+        p.sub_(lr * m_hat / (v_hat.sqrt() + eps))
+
+
+# -------------------------------------------------------------------------------------------- run (CLI)
+@dataclass
+class InfluenceRun:
+    """``dynamics influence``: checkpoints x training set x probes -> OUT/influence.parquet + manifest."""
+
+    ckpts: list[str]
+    train: str
+    probes: str
+    out: str
+    config: InfluenceConfig = field(default_factory=InfluenceConfig)
+    shard_size: int = 256
+    resume: bool = False
+    features_dir: str | None = None  # projected mode: where train features are stored / reused
+    predict_check: int = 0  # one-step check on this many training samples
+    lr: float = 1e-4
+
+
+def _slug(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def run(job: InfluenceRun, progress_factory: Callable[[str, int], Callable[[int], None]] | None = None,
+        rank: int = 0, world: int = 1) -> Path:
+    """Compute influence for every checkpoint in shards (resumable), then merge and write the manifest.
+
+    Shards are (checkpoint, block of ``shard_size`` training samples); with ``world > 1`` rank r computes
+    the shards whose index ≡ r (mod world) and rank 0 merges (the caller synchronises ranks in between).
+    """
+    from dynamics.data import read_records
+    from dynamics.models import load_model, resolve_checkpoints
+
+    job.config.validate()
+    out = Path(job.out)
+    shards = out / "shards"
+    shards.mkdir(parents=True, exist_ok=True)
+    train = read_records(job.train)
+    probes = read_records(job.probes)
+    ckpts = [c for spec in job.ckpts for c in resolve_checkpoints(spec)]
+    if not ckpts:
+        raise DynamicsError("no checkpoints found", field="ckpt")
+    blocks = [train[i:i + job.shard_size] for i in range(0, len(train), job.shard_size)]
+    key = _slug(json.dumps([asdict(job.config), file_hash(job.train), file_hash(job.probes)]))
+    timings: dict[str, float] = {"load": 0.0, "compute": 0.0, "write": 0.0}
+    todo = []
+    for ci, ck in enumerate(ckpts):
+        for bi in range(len(blocks)):
+            name = shards / f"{key}-{_slug(ck.spec)}-{bi:05d}.parquet"
+            todo.append((ci * len(blocks) + bi, ck, bi, name))
+    if not job.resume:
+        for _, _, _, name in todo:
+            if rank == 0 and name.exists():
+                name.unlink()
+    mine = [t for t in todo if t[0] % world == rank and not (job.resume and t[3].exists())]
+    loaded: dict[str, LoadedModel] = {}
+    for _, ck, bi, name in mine:
+        t0 = time.perf_counter()
+        if ck.spec not in loaded:
+            loaded.clear()
+            loaded[ck.spec] = load_model(ck.spec, dtype=job.config.dtype, device=job.config.device)
+        lm = loaded[ck.spec]
+        timings["load"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        tick = progress_factory(f"{ck.name} [{bi + 1}/{len(blocks)}]", len(blocks[bi])) if progress_factory else None
+        if job.config.mode == "projected":
+            df = _projected_block(lm, blocks[bi], probes, job, ck, bi, key, tick)
+        else:
+            df = compute(lm, blocks[bi], probes, job.config, ckpt=ck.name, step=ck.step, progress=tick)
+        timings["compute"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        with atomic_path(name) as tmp:
+            df.to_parquet(tmp, index=False)
+        timings["write"] += time.perf_counter() - t0
+    if rank != 0:
+        return out / "influence.parquet"
+    return _merge(job, todo, ckpts, train, probes, timings, loaded)
+
+
+def _projected_block(lm: LoadedModel, block: list[dict], probes: list[dict], job: InfluenceRun, ck,
+                     bi: int, key: str, tick) -> pd.DataFrame:
+    """Projected kernel for one block, reusing stored training features when present."""
+    cfg = job.config
+    store = Path(job.features_dir) if job.features_dir else Path(job.out) / "features"
+    store.mkdir(parents=True, exist_ok=True)
+    fkey = _slug(json.dumps([ck.spec, [r["id"] for r in block], cfg.params, cfg.reduce, cfg.projection,
+                             cfg.proj_dim, cfg.proj_seed, cfg.dtype]))
+    path = store / f"train-{fkey}.pt"
+    if path.exists():
+        saved = torch.load(path)
+        ft = saved["features"]
+    else:
+        ft = features(lm, encode_all(lm, block), cfg, tick)
+        with atomic_path(path) as tmp:
+            torch.save({"ids": [r["id"] for r in block], "features": ft, "ckpt": ck.spec,
+                        "config": asdict(cfg)}, tmp)
+    fp = features(lm, encode_all(lm, probes, _probe_completions(probes, cfg.target)), cfg)
+    K = (ft @ fp.T).double()
+    return kernel_table(K, ft.double().norm(dim=1), fp.double().norm(dim=1), [r["id"] for r in block],
+                        [p["id"] for p in probes], ck.name, ck.step)
+
+
+def _merge(job: InfluenceRun, todo: list, ckpts: list, train: list[dict], probes: list[dict],
+           timings: dict[str, float], loaded: dict[str, LoadedModel]) -> Path:
+    out = Path(job.out)
+    missing = [str(t[3]) for t in todo if not t[3].exists()]
+    if missing:
+        raise DynamicsError(f"{len(missing)} shards are missing (another rank still running?)", file=missing[0])
+    t0 = time.perf_counter()
+    df = pd.concat([pd.read_parquet(t[3]) for t in todo], ignore_index=True)
+    with atomic_path(out / "influence.parquet") as tmp:
+        df.to_parquet(tmp, index=False)
+    timings["write"] += time.perf_counter() - t0
+    extra = {}
+    if job.predict_check:
+        lm = next(iter(loaded.values())) if loaded else None
+        if lm is not None:
+            res = one_step(lm, train[: job.predict_check], probes, job.config, lr=job.lr)
+            with atomic_path(out / "predict_check.parquet") as tmp:
+                res.table.to_parquet(tmp, index=False)
+            extra["predict_check"] = {"samples": job.predict_check, "lr": job.lr, "pearson": res.pearson,
+                                      "spearman": res.spearman}
+    write_json(out / "manifest.json", {
+        "format": 1,
+        "command": "influence",
+        "ckpts": [{"spec": c.spec, "step": c.step, "name": c.name} for c in ckpts],
+        "train": str(Path(job.train).resolve()),
+        "train_sha256": file_hash(job.train),
+        "probes": str(Path(job.probes).resolve()),
+        "probes_sha256": file_hash(job.probes),
+        "n_train": len(train),
+        "n_probes": len(probes),
+        "options": asdict(job.config),
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "versions": versions(),
+        **extra,
+    })
+    return out / "influence.parquet"
+
+
+def summarise(df: pd.DataFrame, top: int = 5) -> dict:
+    """Per checkpoint: mean |K|, mean cosine, mean train norm; the most harmful and helpful samples (by mean
+    kernel over probes: negative means learning the sample lowers the probes' log-likelihood)."""
+    out = {}
+    for ckpt, g in df.groupby("ckpt", sort=False):
+        per_train = g.groupby("train_id").agg(kernel=("kernel", "mean"), cosine=("cosine", "mean"))
+        out[ckpt] = {
+            "step": int(g["step"].iloc[0]),
+            "mean_abs_kernel": float(g["kernel"].abs().mean()),
+            "mean_cosine": float(g["cosine"].mean()),
+            "mean_train_norm": float(g.drop_duplicates("train_id")["train_norm"].mean()),
+            "harmful": per_train.nsmallest(top, "kernel").reset_index().to_dict("records"),
+            "helpful": per_train.nlargest(top, "kernel").reset_index().to_dict("records"),
+        }
+    return out
