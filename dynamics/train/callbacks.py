@@ -1,0 +1,142 @@
+"""``TrainerCallback``s that write a run folder's logs: metrics per step, checkpoints on a schedule, and the
+in-run evaluation of the novel task and the prior-knowledge probes (learning and forgetting in one run).
+
+Only the main process writes; in a multi-process run the others wait at a barrier while it evaluates.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from dynamics.models import LoadedModel
+from dynamics.store import append_jsonl, atomic_path
+from dynamics.train.schedules import checkpoint_steps
+
+# TRL's log keys -> the run folder's column names (DESIGN.md: metrics.jsonl)
+METRIC_NAMES = {"loss": "loss", "learning_rate": "lr", "grad_norm": "grad_norm", "reward": "reward_mean",
+                "reward_std": "reward_std", "kl": "kl", "accuracy": "accuracy"}
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+class MetricsCallback(TrainerCallback):
+    """Append one row per logging step to ``metrics.jsonl``: ``step, loss, lr, grad_norm`` (+ ``reward_mean,
+    reward_std, kl, accuracy`` for RFT), then every other metric TRL logged under its own name, and ``time``."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        row: dict[str, Any] = {"step": state.global_step}
+        row.update({new: logs[old] for old, new in METRIC_NAMES.items() if old in logs})
+        row.update({k: v for k, v in logs.items() if k not in METRIC_NAMES})
+        row["time"] = round(time.time(), 3)
+        append_jsonl(self.path, row)
+
+
+class CheckpointScheduleCallback(TrainerCallback):
+    """Ask the trainer to save at the schedule's steps (see :mod:`dynamics.train.schedules`)."""
+
+    def __init__(self, schedule: str | None, every: int = 0) -> None:
+        self.schedule, self.every = schedule, every
+        self.steps: set[int] = set()
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.steps = set(checkpoint_steps(self.schedule, state.max_steps, self.every))
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step in self.steps:
+            control.should_save = True
+
+
+class EvalCallback(TrainerCallback):
+    """Evaluate the model being trained with :func:`dynamics.evaluate.evaluate_model` at step 0 (the base
+    model, so learning curves start there), every ``every`` steps and at the last step.
+
+    Writes one :func:`dynamics.evaluate.summarise` row per evaluation to ``eval.jsonl`` (``step,
+    task_accuracy, probe_accuracy, probe_logp, ...``) and the per-item rows to ``eval.parquet``.
+    """
+
+    def __init__(self, lm: LoadedModel, task_records: list[dict], probes: list[dict], config: Any, every: int,
+                 run_dir: str | Path, name: str = "") -> None:
+        self.lm, self.task_records, self.probes, self.config = lm, task_records, probes, config
+        self.every = every
+        self.run = Path(run_dir)
+        self.name = name or self.run.name
+
+    def evaluate(self, model: torch.nn.Module, step: int) -> dict | None:
+        """Evaluate ``model`` now and log it as ``step`` (main process; the others wait)."""
+        row = None
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            from dynamics.evaluate import evaluate_model, summarise
+
+            was_training = model.training
+            lm = replace(self.lm, model=model, name=self.name)
+            try:
+                df = evaluate_model(lm, self.task_records, self.probes, self.config, step=step, model_name=self.name)
+            finally:
+                model.train(was_training)
+            row = {"step": step, **summarise(df)}
+            append_jsonl(self.run / "eval.jsonl", row)
+            self._append_items(df)
+        _barrier()
+        return row
+
+    def _append_items(self, df: Any) -> None:
+        import pandas as pd
+
+        path = self.run / "eval.parquet"
+        if path.exists():
+            df = pd.concat([pd.read_parquet(path), df], ignore_index=True)
+        with atomic_path(path) as tmp:
+            df.to_parquet(tmp, index=False)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if state.global_step == 0:  # a fresh start, not a resumed run
+            self.evaluate(model, 0)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        step = state.global_step
+        if (self.every and step % self.every == 0) or step == state.max_steps:
+            self.evaluate(model, step)
+
+
+def eval_callback(config: Any, lm: LoadedModel, run_dir: str | Path, task: str | None = None,
+                  task_args: str = "") -> EvalCallback | None:
+    """The in-run evaluation a run config asks for (``eval_every`` > 0), or None.
+
+    Task prompts come from ``eval_data`` or are built by ``eval_task`` (default: the training task) with
+    ``eval_n`` prompts and ``eval_seed``; probes from ``probes``.
+    """
+    if config.eval_every <= 0:
+        return None
+    from dynamics.data import read_records
+    from dynamics.errors import DynamicsError
+    from dynamics.evaluate import EvalConfig
+
+    task_records: list[dict] = []
+    if config.eval_data:
+        task_records = read_records(config.eval_data)
+    elif config.eval_task or task:
+        from dynamics.tasks import get_task, parse_task_args
+
+        name = config.eval_task or task
+        args = config.eval_task_args if config.eval_task else (config.eval_task_args or task_args)
+        task_records = get_task(name, **parse_task_args(args)).build(config.eval_n, config.eval_seed)
+    probes = read_records(config.probes) if config.probes else []
+    if not task_records and not probes:
+        raise DynamicsError("eval_every needs probes (--probes) or task prompts (--eval-task / --eval-data)",
+                            field="eval_every")
+    return EvalCallback(lm, task_records, probes, EvalConfig(batch_size=config.eval_batch_size), config.eval_every,
+                        run_dir)

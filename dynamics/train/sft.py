@@ -1,0 +1,132 @@
+"""Supervised fine-tuning on prompt/completion records, through TRL's ``SFTTrainer``.
+
+Records are tokenized once by the project's convention (:func:`dynamics.data.encode_record`), so the loss is
+the mean negative log-likelihood of exactly the completion tokens that probes and influence score::
+
+    L(θ) = - Σ_i Σ_{t ∈ completion(i)} log p_θ(x_{i,t} | x_{i,<t}) / Σ_i |completion(i)|
+
+TRL is handed the pre-tokenized rows with ``skip_prepare_dataset`` and :class:`CompletionCollator`, which pads
+them with :func:`dynamics.data.collate` and sets ``labels = -100`` outside the completion (image tensors of VLM
+records travel along). Everything else -- optimizer, schedule, bf16 autocast, LoRA, multi-process -- is TRL's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from trl import SFTConfig, SFTTrainer
+
+from dynamics.data import Encoded, collate, context_length, encode_record, read_records
+from dynamics.errors import DynamicsError
+from dynamics.train.run import (
+    RunInfo,
+    RunOptions,
+    RunTrainerMixin,
+    base_model_spec,
+    config_dict,
+    data_fingerprint,
+    lora_config,
+    prepare_run,
+    run_options_post_init,
+    run_trainer,
+)
+
+
+@dataclass
+class SFTRunConfig(RunOptions, SFTConfig):
+    """Every ``trl.SFTConfig`` option, plus the run options of :class:`dynamics.train.run.RunOptions` and the
+    training data."""
+
+    data: str | None = field(default=None, metadata={"help": "Training records (.jsonl or .parquet)."})
+    per_device_train_batch_size: int = 8
+    num_train_epochs: float = 1.0
+    dataset_kwargs: dict | None = field(default_factory=lambda: {"skip_prepare_dataset": True})
+    remove_unused_columns: bool = False
+
+    def __post_init__(self) -> None:
+        run_options_post_init(self)
+        super().__post_init__()
+
+
+def sft_dataset(processing_class: Any, records: Sequence[dict], max_length: int | None = None) -> Any:
+    """Pre-tokenized rows ``id, input_ids, completion_mask`` (+ ``pixel_values, image_grid_thw``)."""
+    from datasets import Dataset
+
+    rows = []
+    for rec in records:
+        if not rec.get("completion"):
+            raise DynamicsError("SFT needs a completion in every record", field=f"completion (record {rec['id']})")
+        enc = encode_record(processing_class, rec, max_length)
+        row = {"id": rec["id"], "input_ids": enc.input_ids, "completion_mask": enc.completion_mask}
+        if enc.pixel_values is not None:
+            row["pixel_values"] = enc.pixel_values.tolist()
+            row["image_grid_thw"] = enc.image_grid_thw.tolist()
+        rows.append(row)
+    return Dataset.from_list(rows)
+
+
+@dataclass
+class CompletionCollator:
+    """Pad rows of :func:`sft_dataset` with :func:`dynamics.data.collate`; labels are the completion tokens."""
+
+    pad_token_id: int
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        items = [Encoded(r["input_ids"], r["completion_mask"],
+                         torch.tensor(r["pixel_values"]) if r.get("pixel_values") is not None else None,
+                         torch.tensor(r["image_grid_thw"]) if r.get("image_grid_thw") is not None else None)
+                 for r in rows]
+        batch = collate(items, self.pad_token_id)
+        mask = batch.pop("completion_mask")
+        batch["labels"] = batch["input_ids"].masked_fill(mask == 0, -100)
+        return batch
+
+
+class DynamicsSFTTrainer(RunTrainerMixin, SFTTrainer):
+    """``SFTTrainer`` with the run folder's atomic checkpoints."""
+
+
+def build_sft_trainer(config: SFTRunConfig, records: Sequence[dict] | None = None,
+                      callbacks: Sequence[Any] = ()) -> tuple[DynamicsSFTTrainer, Path | None]:
+    """Load the model and data, prepare the run folder, and return ``(trainer, checkpoint to resume from)``."""
+    from dynamics.models import load_model
+    from dynamics.train.callbacks import CheckpointScheduleCallback, MetricsCallback, eval_callback
+
+    if records is None:
+        if not config.data:
+            raise DynamicsError("no training data: give --data FILE", field="data")
+        records = read_records(config.data)
+    resume_from = prepare_run(config)
+    lm = load_model(config.model, dtype=config.model_dtype, trainable=True)
+    if config.lora_r and lm.is_peft:
+        raise DynamicsError("the model is already a LoRA adapter; drop --lora to train it further", field="lora_r")
+    info = RunInfo(
+        kind="sft", base_model=base_model_spec(config.model, lm), init_model=config.model,
+        data={"path": str(Path(config.data).resolve()) if config.data else None, "n": len(records),
+              "sha256": data_fingerprint(config.data if config.data else None, None if config.data else records)},
+        config=config_dict(config), lora=bool(config.lora_r) or lm.is_peft)
+    dataset = sft_dataset(lm.processing_class, records, context_length(lm.model))
+    run = Path(config.output_dir)
+    cbs = [MetricsCallback(run / "metrics.jsonl"),
+           CheckpointScheduleCallback(config.checkpoint_schedule, config.checkpoint_every)]
+    ev = eval_callback(config, lm, run)
+    cbs += ([ev] if ev else []) + list(callbacks)
+    trainer = DynamicsSFTTrainer(model=lm.model, args=config, train_dataset=dataset, processing_class=lm.tokenizer,
+                                 data_collator=CompletionCollator(lm.tokenizer.pad_token_id), callbacks=cbs,
+                                 peft_config=lora_config(config) if config.lora_r else None)
+    trainer.run_processing_class = lm.processing_class
+    trainer.run_info = info
+    return trainer, resume_from
+
+
+def train_sft(config: SFTRunConfig, records: Sequence[dict] | None = None, callbacks: Sequence[Any] = ()) -> Path:
+    """Fine-tune ``config.model`` on ``config.data`` (or ``records``) into the run folder ``config.output_dir``.
+
+    ``callbacks`` are extra ``TrainerCallback``s (e.g. a live monitor). Returns the run folder.
+    """
+    trainer, resume_from = build_sft_trainer(config, records, callbacks)
+    return run_trainer(trainer, config, resume_from, trainer.run_info)
