@@ -1,0 +1,174 @@
+"""Rollouts as records: RFT-simulated sampling, rollouts logged by an RFT run, and the "keep correct" filter.
+
+A rollout is a record (``dynamics.data`` format) whose completion is the model's own sample::
+
+    {"id": "<prompt id>:s<step>:<k>", "prompt": [...], "completion": [{"role": "assistant", "content": text}],
+     "images": [...]?, "answer": "...", "reward": r, "advantage": A?, "step": s?,
+     "meta": {...prompt meta, "prompt_id": ..., "sample": k, "score": {accuracy, hit, format, total}}}
+
+``reward`` is the task's total reward (hit + accuracy + format). Sampled rollouts get the group-normalised
+advantage GRPO would give them, ``A_k = (r_k - mean(r)) / (std(r) + 1e-4)`` over the K samples of a prompt, so
+sampled and RFT-logged rollouts can be analysed alike. ``keep="correct"`` keeps the rollouts with
+``score.accuracy == 1``: the study's "SFT on RFT-simulated rollouts" data.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dynamics.data import read_records, write_records
+from dynamics.errors import DynamicsError
+from dynamics.store import read_jsonl_rows
+
+KEEP = ("all", "correct")
+
+
+@dataclass
+class RolloutsConfig:
+    """``dynamics rollouts``: sample K completions per prompt and score them, or extract an RFT run's rollouts."""
+
+    out: str | None = field(default=None, metadata={"help": "Output records file (.jsonl or .parquet)."})
+    model: str = "default"
+    task: str = "jigsaw"
+    task_args: str = ""
+    data: str | None = field(default=None, metadata={"help": "Prompt records with answers (else built by the task)."})
+    n_prompts: int = 64
+    prompts_seed: int = 0
+    samples: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int | None = field(default=None, metadata={"help": "Default: the task's generation budget."})
+    seed: int = 0
+    batch_size: int = 16
+    keep: str = "all"
+    from_run: str | None = field(default=None, metadata={"help": "Extract the rollouts an RFT run logged."})
+    steps: str | None = field(default=None, metadata={"help": "Step range A:B (inclusive; either end optional)."})
+
+    def __post_init__(self) -> None:
+        if self.keep not in KEEP:
+            raise DynamicsError(f"keep must be one of {', '.join(KEEP)}", field="keep")
+        if self.samples < 1:
+            raise DynamicsError("samples must be >= 1", field="samples")
+        if self.steps is not None:
+            step_range(self.steps)
+
+
+def step_range(spec: str | None) -> tuple[int, int]:
+    """``"A:B"`` -> (A, B) inclusive; a missing end is open; a single number is one step."""
+    if not spec:
+        return 0, 2**62
+    lo, sep, hi = spec.partition(":")
+    try:
+        a = int(lo) if lo.strip() else 0
+        b = (int(hi) if hi.strip() else 2**62) if sep else a
+    except ValueError:
+        raise DynamicsError(f"bad step range {spec!r}: use A:B, A:, :B or A", field="steps") from None
+    return a, b
+
+
+def rollout_record(source: dict, text: str, score: dict, reward: float, *, rid: str, sample: int,
+                   advantage: float | None = None, step: int | None = None, meta: dict | None = None) -> dict:
+    """A rollout of ``source``'s prompt as a record (see the module docstring)."""
+    rec: dict[str, Any] = {"id": rid, "prompt": source["prompt"],
+                           "completion": [{"role": "assistant", "content": text}]}
+    if source.get("images"):
+        rec["images"] = source["images"]
+    rec["answer"] = source.get("answer")
+    rec["reward"] = float(reward)
+    if advantage is not None:
+        rec["advantage"] = float(advantage)
+    if step is not None:
+        rec["step"] = int(step)
+    rec["meta"] = {**source.get("meta", {}), "prompt_id": source["id"], "sample": sample,
+                   "score": {k: float(v) for k, v in score.items()}, **(meta or {})}
+    return rec
+
+
+def group_advantages(rewards: Sequence[float], group: int) -> list[float]:
+    """GRPO's advantages: rewards centred and scaled within consecutive groups of ``group`` samples."""
+    r = torch.tensor(rewards, dtype=torch.float64).view(-1, group)
+    std = r.std(dim=1, keepdim=True) if group > 1 else torch.zeros_like(r[:, :1])
+    return ((r - r.mean(dim=1, keepdim=True)) / (std + 1e-4)).flatten().tolist()
+
+
+def keep_rollouts(rows: Sequence[dict], keep: str = "all") -> list[dict]:
+    """All rollouts, or (``correct``) those whose completion is right: ``meta.score.accuracy == 1``."""
+    if keep == "all":
+        return list(rows)
+    return [r for r in rows if r.get("meta", {}).get("score", {}).get("accuracy") == 1.0]
+
+
+def prompt_records(task: Any, data: str | os.PathLike | None, n: int, seed: int) -> list[dict]:
+    """Prompt records with answers: read from ``data`` or built by the task."""
+    records = read_records(data, require_completion=False) if data else task.build(n, seed)
+    for i, rec in enumerate(records, start=1):
+        if rec.get("answer") is None:
+            raise DynamicsError("rollouts are scored against the record's answer", file=data, line=i,
+                                field="answer")
+    return records
+
+
+def sample_rollouts(lm: Any, task: Any, records: Sequence[dict], *, samples: int, temperature: float,
+                    top_p: float = 1.0, max_new_tokens: int | None = None, seed: int = 0,
+                    batch_size: int = 16, progress: bool = True) -> list[dict]:
+    """Sample ``samples`` completions per prompt with :func:`dynamics.generation.generate`, score each with
+    ``task.score``, and return them all as rollout records (in prompt order, samples consecutive)."""
+    from dynamics.generation import generate
+
+    texts = generate(lm, records, max_new_tokens=max_new_tokens or task.max_new_tokens, temperature=temperature,
+                     top_p=top_p, num_samples=samples, batch_size=batch_size, seed=seed, progress=progress)
+    k = len(texts[0]) if texts else samples
+    scores = [task.score(t, rec["answer"]) for rec, ts in zip(records, texts, strict=True) for t in ts]
+    advantages = group_advantages([s["total"] for s in scores], k)
+    rows = []
+    for i, (rec, ts) in enumerate(zip(records, texts, strict=True)):
+        for j, text in enumerate(ts):
+            s = scores[i * k + j]
+            rows.append(rollout_record(rec, text, s, s["total"], rid=f"{rec['id']}:{j}", sample=j,
+                                       advantage=advantages[i * k + j],
+                                       meta={"temperature": temperature, "model": lm.name}))
+    return rows
+
+
+def rollouts_from_run(run: str | os.PathLike, steps: str | None = None) -> list[dict]:
+    """The rollouts an RFT run logged to ``RUN/rollouts.jsonl``, optionally within a step range."""
+    path = Path(run) / "rollouts.jsonl"
+    if not path.is_file():
+        raise DynamicsError("no rollouts.jsonl: not an RFT run folder", file=run, field="from_run")
+    lo, hi = step_range(steps)
+    return [r for r in read_jsonl_rows(path) if lo <= r.get("step", 0) <= hi]
+
+
+def make_rollouts(config: RolloutsConfig) -> tuple[Path, dict]:
+    """``dynamics rollouts``: sample (or extract), filter by ``keep``, write ``config.out``; return the path
+    and a summary (counts, mean reward and accuracy of everything sampled)."""
+    if not config.out:
+        raise DynamicsError("no output file given", field="out")
+    if config.from_run:
+        rows = rollouts_from_run(config.from_run, config.steps)
+    else:
+        from dynamics.models import load_model
+        from dynamics.tasks import get_task, parse_task_args
+
+        task = get_task(config.task, **parse_task_args(config.task_args))
+        records = prompt_records(task, config.data, config.n_prompts, config.prompts_seed)
+        lm = load_model(config.model)
+        rows = sample_rollouts(lm, task, records, samples=config.samples, temperature=config.temperature,
+                               top_p=config.top_p, max_new_tokens=config.max_new_tokens, seed=config.seed,
+                               batch_size=config.batch_size)
+    kept = keep_rollouts(rows, config.keep)
+    if not kept:
+        raise DynamicsError(f"no rollouts to write ({len(rows)} sampled, none kept by keep={config.keep})",
+                            field="keep")
+    out = write_records(config.out, kept)
+    acc = [r["meta"]["score"]["accuracy"] for r in rows if "score" in r.get("meta", {})]
+    summary = {"rollouts": len(rows), "kept": len(kept), "prompts": len({r["meta"]["prompt_id"] for r in rows}),
+               "reward_mean": sum(r["reward"] for r in rows) / len(rows),
+               "accuracy": sum(acc) / len(acc) if acc else None}
+    return out, summary
