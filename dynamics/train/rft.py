@@ -36,6 +36,7 @@ from dynamics.train.run import (
     RunInfo,
     RunOptions,
     RunTrainerMixin,
+    TrainResult,
     base_model_spec,
     config_dict,
     data_fingerprint,
@@ -269,8 +270,8 @@ def _reference_on_disk(lm: Any, config: RFTRunConfig) -> None:
 
 
 def train_rft(config: RFTRunConfig, task: Any = None, records: Sequence[dict] | None = None,
-              callbacks: Sequence[Any] = ()) -> Path:
-    """GRPO-train ``config.model`` on ``config.task`` into the run folder ``config.output_dir``; return it.
+              callbacks: Sequence[Any] = ()) -> TrainResult:
+    """GRPO-train ``config.model`` on ``config.task`` into the run folder ``config.output_dir``.
 
     ``task`` / ``records`` override the task and the prompts built from the config; ``callbacks`` are extra
     ``TrainerCallback``s (e.g. a live monitor).

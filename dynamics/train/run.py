@@ -87,8 +87,8 @@ def run_options_post_init(config: Any) -> None:
     parse_schedule(config.checkpoint_schedule, config.checkpoint_every)
     if config.lora_r < 0:
         raise DynamicsError("lora_r must be >= 0", field="lora_r")
-    if config.bf16 and not torch.cuda.is_available():
-        config.use_cpu = True  # transformers' bf16 autocast on CPU
+    if not torch.cuda.is_available():
+        config.use_cpu = True  # CPU bf16 autocast, and gloo DDP under `accelerate launch --multi_gpu` / torchrun
 
 
 # ------------------------------------------------------------------------------------------------ config files
@@ -301,7 +301,24 @@ class RunTrainerMixin:
         self.accelerator.wait_for_everyone()
 
 
-def run_trainer(trainer: Any, config: Any, resume_from: Path | None, info: RunInfo) -> Path:
+@dataclass
+class TrainResult:
+    """What a training call produced: the run folder, its checkpoints, timing and the last logged rows."""
+
+    run: Path
+    steps: int
+    seconds: float
+    checkpoints: list[int]
+    metrics: dict
+    eval: dict | None
+    main_process: bool = True
+
+    @property
+    def s_per_step(self) -> float:
+        return self.seconds / max(self.steps, 1)
+
+
+def run_trainer(trainer: Any, config: Any, resume_from: Path | None, info: RunInfo) -> TrainResult:
     """Train with the run folder's manifest kept up to date (status running / completed / interrupted)."""
     run = Path(config.output_dir)
     manifest_path = run / "manifest.json"
@@ -311,6 +328,7 @@ def run_trainer(trainer: Any, config: Any, resume_from: Path | None, info: RunIn
                                                                     if resume_from else []))
     if config.should_save:
         write_json(manifest_path, manifest)
+    start_step = int(resume_from.name.split("-")[1]) if resume_from else 0
     t0 = time.perf_counter()
     try:
         out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -319,12 +337,16 @@ def run_trainer(trainer: Any, config: Any, resume_from: Path | None, info: RunIn
             write_json(manifest_path, {**manifest, "status": "interrupted", "ended": now(),
                                        "last_checkpoint": (complete_checkpoints(run) or [(0, Path(""))])[-1][0]})
         raise
+    seconds = time.perf_counter() - t0
+    steps = trainer.state.global_step - start_step
     if config.should_save:
-        steps = trainer.state.global_step - (int(resume_from.name.split("-")[1]) if resume_from else 0)
-        seconds = time.perf_counter() - t0
         write_json(manifest_path, {**manifest, "status": "completed", "ended": now(),
                                    "steps": trainer.state.global_step,
                                    "timings": {"train_s": round(seconds, 3),
                                                "s_per_step": round(seconds / max(steps, 1), 4)},
                                    "train_metrics": out.metrics})
-    return run
+    metrics = read_jsonl_rows(run / "metrics.jsonl")
+    evals = read_jsonl_rows(run / "eval.jsonl")
+    return TrainResult(run=run, steps=steps, seconds=seconds, checkpoints=[s for s, _ in complete_checkpoints(run)],
+                       metrics=metrics[-1] if metrics else {}, eval=evals[-1] if evals else None,
+                       main_process=config.should_save)

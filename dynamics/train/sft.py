@@ -26,6 +26,7 @@ from dynamics.train.run import (
     RunInfo,
     RunOptions,
     RunTrainerMixin,
+    TrainResult,
     base_model_spec,
     config_dict,
     data_fingerprint,
@@ -123,10 +124,11 @@ def build_sft_trainer(config: SFTRunConfig, records: Sequence[dict] | None = Non
     return trainer, resume_from
 
 
-def train_sft(config: SFTRunConfig, records: Sequence[dict] | None = None, callbacks: Sequence[Any] = ()) -> Path:
+def train_sft(config: SFTRunConfig, records: Sequence[dict] | None = None,
+              callbacks: Sequence[Any] = ()) -> TrainResult:
     """Fine-tune ``config.model`` on ``config.data`` (or ``records``) into the run folder ``config.output_dir``.
 
-    ``callbacks`` are extra ``TrainerCallback``s (e.g. a live monitor). Returns the run folder.
+    ``callbacks`` are extra ``TrainerCallback``s (e.g. a live monitor).
     """
     trainer, resume_from = build_sft_trainer(config, records, callbacks)
     return run_trainer(trainer, config, resume_from, trainer.run_info)
