@@ -286,8 +286,7 @@ class RunTrainerMixin:
             if policy == "none":
                 for name in OPTIMIZER_FILES:
                     (staged / name).unlink(missing_ok=True)
-            write_json(staged / "manifest.json", self.run_info.manifest(
-                step=step, time=now(), optimizer_state=(staged / "optimizer.pt").exists()))
+            write_json(staged / "manifest.json", self.run_info.manifest(step=step, time=now()))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(staged, final)

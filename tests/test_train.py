@@ -1,0 +1,312 @@
+"""Training wrappers: SFT/RFT run folders, checkpoints on a schedule, resume, LoRA, multi-process, VLMs.
+
+Tiny models wherever the mechanics are the point; the default SmolLM2 for a few steps where realism is
+(a real forgetting signal, GRPO rollouts on the jigsaw task).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from dynamics.data import collate, encode_record, read_records, text_of, write_records
+from dynamics.errors import DynamicsError
+from dynamics.models import load_model, resolve_checkpoints
+from dynamics.store import read_jsonl_rows
+from dynamics.train.rft import RFTRunConfig, build_rft_trainer, train_rft
+from dynamics.train.rollouts import RolloutsConfig, make_rollouts
+from dynamics.train.run import load_config, run_trainer
+from dynamics.train.schedules import checkpoint_steps, log_steps
+from dynamics.train.sft import CompletionCollator, SFTRunConfig, build_sft_trainer, sft_dataset, train_sft
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sums(n: int = 16) -> list[dict]:
+    return [{"id": f"s{i}", "prompt": f"{i % 7}+{i % 5}=", "completion": str(i % 7 + i % 5)} for i in range(n)]
+
+
+def sft_config(tmp_path: Path, name: str = "run", **kw) -> SFTRunConfig:
+    opts = dict(model="tiny-llama", output_dir=str(tmp_path / name), max_steps=6, learning_rate=3e-3,
+                per_device_train_batch_size=4, disable_tqdm=True, seed=0)
+    return load_config(SFTRunConfig, None, **{**opts, **kw})
+
+
+@torch.no_grad()
+def completion_nll(lm, records) -> tuple[float, int]:
+    """Summed negative log-likelihood of the records' completion tokens, and their number (independent check)."""
+    batch = collate([encode_record(lm.processing_class, r) for r in records], lm.tokenizer.pad_token_id)
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    logits = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
+                                            ignore_index=-100, reduction="sum")
+    return nll.item(), int((labels[:, 1:] != -100).sum())
+
+
+# ------------------------------------------------------------------------------------------------ schedules
+def test_checkpoint_schedules():
+    steps = log_steps(12, 1000)
+    assert len(steps) == 12 and steps[0] == 1 and steps[-1] == 1000 and steps == sorted(set(steps))
+    assert all(b / a < 2.2 for a, b in zip(steps[2:], steps[3:], strict=False))  # geometric, not linear
+    assert log_steps(12, 5) == [1, 2, 3, 4, 5]
+    assert checkpoint_steps("every:4", 10) == [4, 8, 10]
+    assert checkpoint_steps(None, 10, every=5) == [5, 10]
+    assert checkpoint_steps("steps:3,7,50", 10) == [3, 7, 10]
+    assert checkpoint_steps("none", 10) == [10] == checkpoint_steps(None, 10)
+    for bad in ("log", "log:0", "every:x", "steps:", "weekly:3"):
+        with pytest.raises(DynamicsError):
+            checkpoint_steps(bad, 10)
+
+
+# ------------------------------------------------------------------------------------------------------ SFT
+def test_sft_loss_is_the_completion_nll_and_training_raises_log_p(tmp_path):
+    """TRL's loss on our pre-tokenized rows is exactly the mean NLL of the project's completion tokens; training
+    lowers it and raises log p of the training completions."""
+    recs = sums(16)
+    lm = load_model("tiny-llama")
+    nll0, n_tok = completion_nll(lm, recs)
+    res = train_sft(sft_config(tmp_path, max_steps=12, per_device_train_batch_size=16, learning_rate=1e-2), recs)
+    rows = read_jsonl_rows(res.run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert rows[0]["loss"] == pytest.approx(nll0 / n_tok, rel=1e-5)  # batch = all records at the initial weights
+    assert rows[-1]["loss"] < 0.8 * rows[0]["loss"]
+    assert {"lr", "grad_norm", "mean_token_accuracy"} <= set(rows[0])
+    trained = load_model(res.run / "checkpoint-12")
+    nll1, _ = completion_nll(trained, recs)
+    assert nll1 < 0.8 * nll0  # log p of the training completions rose
+    manifest = json.loads((res.run / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["base_model"] == "tiny-llama" and manifest["steps"] == 12
+    assert manifest["data"]["sha256"] and manifest["config"]["learning_rate"] == 1e-2
+
+
+def test_collator_labels_exactly_the_completion_tokens(tiny_lm):
+    recs = sums(3)
+    ds = sft_dataset(tiny_lm.tokenizer, recs)
+    batch = CompletionCollator(tiny_lm.tokenizer.pad_token_id)([ds[i] for i in range(3)])
+    for i, rec in enumerate(recs):
+        enc = encode_record(tiny_lm.tokenizer, rec)
+        n = len(enc.input_ids)
+        want = [t if m else -100 for t, m in zip(enc.input_ids, enc.completion_mask, strict=True)]
+        assert batch["labels"][i, :n].tolist() == want and (batch["labels"][i, n:] == -100).all()
+        assert tiny_lm.tokenizer.decode([t for t in want if t != -100]).startswith(text_of(rec["completion"]))
+
+
+def test_checkpoint_schedule_optimizer_policy_and_atomic_folders(tmp_path):
+    res = train_sft(sft_config(tmp_path, max_steps=10, checkpoint_schedule="log:4"), sums(8))
+    want = checkpoint_steps("log:4", 10)
+    assert res.checkpoints == want == [1, 2, 5, 10]
+    assert sorted(p.name for p in res.run.iterdir()) == sorted(
+        ["README.md", "manifest.json", "metrics.jsonl"] + [f"checkpoint-{s}" for s in want])  # no .staging left
+    assert [c.step for c in resolve_checkpoints(res.run)] == want
+    for s in want:
+        m = json.loads((res.run / f"checkpoint-{s}" / "manifest.json").read_text())
+        assert m["step"] == s and m["base_model"] == "tiny-llama" and m["kind"] == "sft"
+        assert (res.run / f"checkpoint-{s}" / "optimizer.pt").exists() == (s == 10)  # 'last' policy
+
+
+class Interrupt(TrainerCallback):
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.at:
+            raise KeyboardInterrupt
+
+
+def test_resume_reaches_the_uninterrupted_weights(tmp_path):
+    recs = sums(16)
+    full = train_sft(sft_config(tmp_path, "full", checkpoint_every=2), recs)
+    with pytest.raises(KeyboardInterrupt):
+        train_sft(sft_config(tmp_path, "cut", checkpoint_every=2), recs, callbacks=[Interrupt(3)])
+    cut = tmp_path / "cut"
+    assert json.loads((cut / "manifest.json").read_text())["status"] == "interrupted"
+    (cut / "checkpoint-4").mkdir()  # a half-written checkpoint (no manifest) must be ignored and removed
+    with pytest.raises(DynamicsError, match="--resume"):
+        train_sft(sft_config(tmp_path, "cut", checkpoint_every=2), recs)
+    resumed = train_sft(sft_config(tmp_path, "cut", checkpoint_every=2, resume=True), recs)
+    assert resumed.steps == 4 and resumed.checkpoints == [2, 4, 6]
+    a, b = load_file(full.run / "checkpoint-6/model.safetensors"), load_file(cut / "checkpoint-6/model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    losses = [r["loss"] for r in read_jsonl_rows(cut / "metrics.jsonl")]
+    assert [r["step"] for r in read_jsonl_rows(cut / "metrics.jsonl")] == list(range(1, 7))
+    assert losses == pytest.approx([r["loss"] for r in read_jsonl_rows(full.run / "metrics.jsonl")], rel=1e-6)
+    m = json.loads((cut / "manifest.json").read_text())
+    assert m["status"] == "completed" and m["resumes"][0]["from"] == "checkpoint-2"
+
+
+def test_lora_run_saves_an_adapter_that_load_model_reads(tmp_path):
+    recs = sums(8)
+    trainer, resume = build_sft_trainer(sft_config(tmp_path, max_steps=4, lora_r=4, learning_rate=3e-2), recs)
+    res = run_trainer(trainer, trainer.args, resume, trainer.run_info)
+    ckpt = res.run / "checkpoint-4"
+    assert (ckpt / "adapter_config.json").exists() and not (ckpt / "model.safetensors").exists()
+    lm = load_model(ckpt)
+    assert lm.is_peft and json.loads((ckpt / "manifest.json").read_text())["lora"] is True
+    batch = collate([encode_record(lm.tokenizer, r) for r in recs], lm.tokenizer.pad_token_id)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    trainer.model.eval()
+    with torch.no_grad():
+        want = trainer.model(**inputs).logits
+        got = lm.model(**inputs).logits
+        base = load_model("tiny-llama").model(**inputs).logits
+    assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, base, atol=1e-3)
+
+
+def test_config_file_reaches_every_trl_option(tmp_path, cli):
+    data = write_records(tmp_path / "train.jsonl", [{"id": r["id"], "prompt": r["prompt"],
+                                                     "completion": r["completion"]} for r in sums(8)])
+    (tmp_path / "cfg.yaml").write_text("lr_scheduler_type: constant\nweight-decay: 0.01\nmax_steps: 2\n")
+    out = cli("train", "sft", "--model", "tiny-llama", "--data", str(data), "--out", str(tmp_path / "run"),
+              "--config", str(tmp_path / "cfg.yaml"), "--lr", "0.001", "--batch-size", "4")
+    assert out.returncode == 0, out.stderr
+    assert "2 steps" in out.stdout and "checkpoints [2]" in out.stdout
+    cfg = json.loads((tmp_path / "run/manifest.json").read_text())["config"]
+    assert (cfg["lr_scheduler_type"], cfg["weight_decay"], cfg["learning_rate"]) == ("constant", 0.01, 0.001)
+    assert {r["lr"] for r in read_jsonl_rows(tmp_path / "run/metrics.jsonl")} == {0.001}  # constant schedule
+    (tmp_path / "bad.yaml").write_text("learning_rat: 3\n")
+    with pytest.raises(DynamicsError) as err:
+        load_config(SFTRunConfig, tmp_path / "bad.yaml", output_dir=str(tmp_path / "r2"))
+    assert (err.value.file, err.value.field) == (str(tmp_path / "bad.yaml"), "learning_rat")
+    with pytest.raises(DynamicsError, match="optimizer_state"):
+        load_config(SFTRunConfig, None, output_dir=str(tmp_path / "r2"), optimizer_state="some")
+
+
+def test_two_process_accelerate_launch(tmp_path):
+    data = write_records(tmp_path / "train.jsonl", sums(16))
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dynamics.cli",
+           "train", "sft", "--model", "tiny-llama", "--data", str(data), "--out", str(tmp_path / "run"),
+           "--max-steps", "2", "--batch-size", "2"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("2 steps") == 1  # one process reports
+    rows = read_jsonl_rows(tmp_path / "run/metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [0.25, 0.5]  # 2 processes x 2 records per step over 16 records
+    ckpt = tmp_path / "run/checkpoint-2"
+    assert (ckpt / "rng_state_0.pth").exists() and (ckpt / "rng_state_1.pth").exists()
+    assert load_model(ckpt).kind == "causal-lm"
+
+
+# ------------------------------------------------------------------------------------------------------ RFT
+def say_task(images: list[str] | None = None) -> SimpleNamespace:
+    """A small local task for the tiny models: say the digit; rewards vary with the (random) completions."""
+
+    def score(text: str, answer: str) -> dict:
+        acc = float(text.strip() == answer)
+        hit = float(answer in text)
+        fmt = len(set(text)) / max(len(text), 1)  # varies across random samples, so advantages do too
+        return {"accuracy": acc, "hit": hit, "format": fmt, "total": acc + hit + fmt}
+
+    def reward(key):
+        def f(completions, answer, **kwargs):
+            return [score(c if isinstance(c, str) else text_of(c), a)[key] for c, a in zip(completions, answer,
+                                                                                         strict=True)]
+        f.__name__ = key
+        return f
+
+    def build(n: int, seed: int) -> list[dict]:
+        out = []
+        for i in range(n):
+            rec = {"id": f"p{seed}-{i}", "prompt": [{"role": "user", "content": f"Say {i % 10}"}],
+                   "answer": str(i % 10), "meta": {"category": "say"}}
+            if images:
+                rec["images"] = [images[i % len(images)]]
+            out.append(rec)
+        return out
+
+    return SimpleNamespace(name="say", build=build, score=score, max_new_tokens=6,
+                           reward_funcs=[reward("accuracy"), reward("hit"), reward("format")])
+
+
+def check_rollouts(run: Path, task, steps: int, group: int, prompts: int) -> list[dict]:
+    rows = read_jsonl_rows(run / "rollouts.jsonl")
+    assert len(rows) == steps * group * prompts
+    for r in rows:
+        s = task.score(text_of(r["completion"]), r["answer"])
+        assert r["reward"] == pytest.approx(s["total"], abs=1e-5) and r["meta"]["score"]["total"] == s["total"]
+    groups: dict = {}
+    for r in rows:  # ids are <prompt id>:s<step>:<position in the step's generation batch>
+        groups.setdefault((r["step"], int(r["id"].rsplit(":", 1)[1]) // group), []).append(r)
+    for g in groups.values():  # advantages are TRL's group-normalised rewards of exactly these rollouts
+        assert len({r["meta"]["prompt_id"] for r in g}) == 1 and len(g) == group
+        rw = torch.tensor([r["reward"] for r in g])
+        adv = (rw - rw.mean()) / (rw.std() + 1e-4)
+        assert [r["advantage"] for r in g] == pytest.approx(adv.tolist(), abs=1e-4)
+    metrics = read_jsonl_rows(run / "metrics.jsonl")
+    for m in metrics:
+        step_rows = [r["reward"] for r in rows if r["step"] == m["step"]]
+        assert m["reward_mean"] == pytest.approx(sum(step_rows) / len(step_rows), abs=1e-5)
+    return rows
+
+
+def test_rft_vlm_end_to_end_images_reach_generation_and_loss(tmp_path):
+    from PIL import Image
+
+    paths = []
+    for i in range(3):
+        Image.new("RGB", (56 + 28 * i, 56), (80 * i, 40, 200)).save(tmp_path / f"im{i}.png")
+        paths.append(str(tmp_path / f"im{i}.png"))
+    task = say_task(paths)
+    cfg = load_config(RFTRunConfig, None, model="tiny-qwen2.5-vl", output_dir=str(tmp_path / "run"), max_steps=2,
+                      learning_rate=1e-2, num_generations=4, disable_tqdm=True, seed=0, beta=0.04)
+    trainer, resume = build_rft_trainer(cfg, task=task, records=task.build(8, 0))
+    calls = []
+    visual = trainer.model.model.visual
+    visual.register_forward_hook(lambda m, args, out: calls.append(torch.is_grad_enabled()))
+    before = {k: v.clone() for k, v in visual.state_dict().items()}
+    res = run_trainer(trainer, cfg, resume, trainer.run_info)
+    assert res.checkpoints == [2]
+    assert False in calls and True in calls  # images in generation (no grad) and in the training forward
+    after = visual.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # policy gradient reached the vision tower
+    rows = check_rollouts(res.run, task, steps=2, group=4, prompts=2)
+    assert all(r["images"][0] in paths for r in rows)
+    lm = load_model(res.run / "checkpoint-2")
+    assert lm.kind == "vlm" and (res.run / "checkpoint-2/preprocessor_config.json").exists()
+    assert "kl" in read_jsonl_rows(res.run / "metrics.jsonl")[0]
+
+
+def test_sft_vlm_end_to_end_on_image_records(tmp_path):
+    from PIL import Image
+
+    recs = []
+    for i in range(4):
+        Image.new("RGB", (56, 56 + 28 * (i % 2)), (60 * i, 100, 30)).save(tmp_path / f"im{i}.png")
+        recs.append({"id": f"v{i}", "prompt": "Order the pieces.", "completion": f"{i} 0 2 1",
+                     "images": [f"im{i}.png"]})
+    data = write_records(tmp_path / "train.jsonl", recs)
+    res = train_sft(sft_config(tmp_path, model="tiny-qwen2.5-vl", data=str(data), max_steps=3, learning_rate=1e-2))
+    losses = [r["loss"] for r in read_jsonl_rows(res.run / "metrics.jsonl")]
+    assert losses[-1] < losses[0]
+    base, trained = load_model("tiny-qwen2.5-vl"), load_model(res.run / "checkpoint-3")
+    recs = read_records(data)
+    assert completion_nll(trained, recs)[0] < completion_nll(base, recs)[0]
+    vb, vt = base.model.model.visual.state_dict(), trained.model.model.visual.state_dict()
+    assert any(not torch.equal(vb[k], vt[k]) for k in vb)  # pixel_values reached the vision tower
+
+
+def test_rft_logged_rollouts_feed_sft(tmp_path):
+    """An RFT run's rollouts.jsonl is extracted (`dynamics rollouts --from-run`) and trains with SFT."""
+    task = say_task()
+    cfg = load_config(RFTRunConfig, None, model="tiny-llama", output_dir=str(tmp_path / "rft"), max_steps=3,
+                      learning_rate=1e-2, num_generations=4, disable_tqdm=True, seed=0, checkpoint_every=2)
+    res = train_rft(cfg, task=task, records=task.build(12, 0))
+    assert res.checkpoints == [2, 3]
+    check_rollouts(res.run, task, steps=3, group=4, prompts=2)
+    path, summary = make_rollouts(RolloutsConfig(out=str(tmp_path / "r.jsonl"), from_run=str(res.run), steps="2:3"))
+    recs = read_records(path)
+    assert len(recs) == summary["kept"] == 16 and {r["step"] for r in recs} == {2, 3}
+    assert all(math.isfinite(r["advantage"]) and "reward" in r for r in recs)
+    sft = train_sft(sft_config(tmp_path, "sft", data=str(path), max_steps=2))
+    assert sft.steps == 2 and json.loads((sft.run / "manifest.json").read_text())["data"]["n"] == 16
