@@ -159,7 +159,7 @@ def two_sample(x: np.ndarray, y: np.ndarray, *, n_resamples: int = N_RESAMPLES, 
     mw = stats.mannwhitneyu(x, y, alternative="two-sided")
     out.update(ks_stat=float(ks.statistic), ks_p=float(ks.pvalue), mwu_u=float(mw.statistic), mwu_p=float(mw.pvalue))
     kw = {"n_resamples": n_resamples, "confidence": confidence, "seed": seed}
-    for name, fn in (("diff", _mean_diff), ("cliffs_delta", cliffs_delta), ("cohens_d", cohens_d)):
+    for name, fn in (("mean_diff", _mean_diff), ("cliffs_delta", cliffs_delta), ("cohens_d", cohens_d)):
         out[name] = float(fn(x, y))
         ci = bootstrap_ci((x, y), fn, **kw) if n_resamples else None
         out[f"{name}_lo"], out[f"{name}_hi"] = ci if ci else (math.nan, math.nan)

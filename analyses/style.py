@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import textwrap
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,6 +141,7 @@ def save_figure(fig: plt.Figure, stem: str | Path) -> list[Path]:
         path = stem.with_suffix(f".{ext}")
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format=ext, dpi=DPI, metadata=meta)
+        fig.set_layout_engine("none")  # the PNG laid the figure out; the PDF keeps that layout
         paths.append(path)
     plt.close(fig)
     return paths
@@ -177,8 +179,10 @@ def box_strip(ax, df, column: str, labels: list[str], *, x: str = "label", log: 
     """One box (quartiles, whiskers to 1.5 IQR) and the individual points per value of ``x`` (in ``labels``
     order), coloured by ``colors`` (default: each label's source colour)."""
     pal = colors or palette(labels)
-    sns.boxplot(data=df, x=x, y=column, order=labels, hue=x, hue_order=labels, palette=pal, showfliers=False,
-                width=0.55, ax=ax, legend=False, boxprops={"alpha": 0.35}, log_scale=log)
+    with warnings.catch_warnings():  # seaborn 0.13 still passes matplotlib's deprecated ``vert``
+        warnings.filterwarnings("ignore", message=".*vert: bool", category=DeprecationWarning)
+        sns.boxplot(data=df, x=x, y=column, order=labels, hue=x, hue_order=labels, palette=pal, showfliers=False,
+                    width=0.55, ax=ax, legend=False, boxprops={"alpha": 0.35}, log_scale=log)
     state = np.random.get_state()  # seaborn jitters with the global generator: fix it for identical files
     np.random.seed(0)
     try:

@@ -1,0 +1,106 @@
+"""`dynamics compare`: detects a shifted distribution, flags two samples of one distribution at rate alpha,
+joins influence by training id, measures base-model log p, and reports bad input in one line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from dynamics.analyses.compare import CompareConfig, pairwise_tests, sample_table
+from dynamics.errors import DynamicsError
+
+
+def jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def records(prefix, n, words):
+    return [{"id": f"{prefix}{i}", "prompt": [{"role": "user", "content": f"Question {i}?"}],
+             "completion": [{"role": "assistant", "content": " ".join(["word"] * (words + i % 3))}]}
+            for i in range(n)]
+
+
+def samples(x, y, measure="logp_mean"):
+    return pd.DataFrame({"label": ["a"] * len(x) + ["b"] * len(y), "id": [str(i) for i in range(len(x) + len(y))],
+                         measure: np.concatenate([x, y])})
+
+
+def test_detects_a_shift_with_the_right_signs():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(0.0, 1.0, 200), rng.normal(0.8, 1.0, 200)
+    row = pairwise_tests(samples(x, y), n_resamples=500).iloc[0]
+    assert (row.a, row.b, row.metric) == ("a", "b", "logp_mean")
+    assert row.differs and row.mwu_p < 1e-4 and row.ks_p < 1e-3
+    assert row.mean_diff == pytest.approx(x.mean() - y.mean())
+    assert row.mean_diff_lo < -0.8 < row.mean_diff_hi  # the interval holds the true shift
+    assert row.cliffs_delta_hi < 0 and row.cohens_d_hi < 0
+    assert row.cohens_d == pytest.approx(-0.8, abs=0.25)
+
+
+def test_same_distribution_is_flagged_at_rate_alpha():
+    """Over 400 seeded pairs of samples from one distribution, Mann–Whitney flags about alpha = 5% of them
+    (99.9% binomial range 1.5%–9%); Kolmogorov–Smirnov (exact, conservative) at most that."""
+    rng = np.random.default_rng(1)
+    flagged, ks = [], []
+    for _ in range(400):
+        row = pairwise_tests(samples(rng.gamma(2.0, 1.0, 40), rng.gamma(2.0, 1.0, 40)), n_resamples=0).iloc[0]
+        flagged.append(row.differs)
+        ks.append(row.ks_p < 0.05)
+    assert 0.015 <= np.mean(flagged) <= 0.09
+    assert np.mean(ks) <= 0.09
+
+
+def test_cli_compares_lengths_and_joins_influence(tmp_path, cli):
+    gold = jsonl(tmp_path / "gold.jsonl", records("g", 30, 12))
+    roll = jsonl(tmp_path / "rollouts.jsonl", records("r", 30, 3))
+    inf = tmp_path / "inf-gold"
+    inf.mkdir()
+    rows = [{"ckpt": "base", "step": 0, "train_id": f"g{i}", "probe_id": f"p{j}", "kernel": (i + 1) * c,
+             "cosine": c, "train_norm": float(i + 1), "probe_norm": 1.0}
+            for i in range(30) for j, c in enumerate((0.5, -0.25))]
+    pd.DataFrame(rows).to_parquet(inf / "influence.parquet")
+    (inf / "manifest.json").write_text(json.dumps({"train": str(gold), "probes": str(tmp_path / "p.jsonl")}))
+    out = tmp_path / "cmp"
+    res = cli("compare", "--data", str(gold), "--data", str(roll), "--label", "sft", "--label", "rft",
+              "--influence", str(inf), "--out", str(out), "--resamples", "200")
+    assert res.returncode == 0, res.stderr
+    assert "length (characters)" in res.stdout and "sft vs rft" in res.stdout
+    s = pd.read_parquet(out / "samples.parquet").set_index("id")
+    assert s.loc["g4", "train_norm"] == 5.0 and s.loc["g4", "mean_abs_kernel"] == pytest.approx(5 * 0.375)
+    assert s.loc["g4", "mean_cosine"] == pytest.approx(0.125) and s.loc["g4", "frac_negative"] == 0.5
+    assert np.isnan(s.loc["r4", "train_norm"])
+    t = pd.read_parquet(out / "tests.parquet").set_index("metric")
+    assert t.loc["n_chars", "differs"] and t.loc["n_chars", "cliffs_delta"] == 1.0  # every gold answer is longer
+    assert "train_norm" not in t.index  # only one side has influence
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["command"] == "compare" and [d["label"] for d in manifest["data"]] == ["sft", "rft"]
+    with Image.open(out / "compare.png") as im:
+        im.load()
+        assert im.size[0] > 400 and len(np.unique(np.asarray(im.convert("L")))) > 10
+    assert (out / "compare.pdf").read_bytes().startswith(b"%PDF")
+
+
+def test_bad_input_is_one_line_naming_the_file(tmp_path, cli):
+    good = jsonl(tmp_path / "a.jsonl", records("a", 3, 2))
+    bad = tmp_path / "b.jsonl"
+    bad.write_text('{"prompt": "x", "completion": "y"}\n{"prompt": \n')
+    res = cli("compare", "--data", str(good), "--data", str(bad), "--out", str(tmp_path / "o"))
+    assert res.returncode == 2 and f"{bad}:2: invalid JSON" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    out = tmp_path / "o"
+    for cfg, needle in [
+        (CompareConfig(data=[good], out=out), "at least two data sets"),
+        (CompareConfig(data=[good, tmp_path / "absent.jsonl"], out=out), f"{tmp_path / 'absent.jsonl'}: file not found"),
+        (CompareConfig(data=[good, good], out=out), "labels must be unique"),
+        (CompareConfig(data=[good, good], out=out, labels=["x", "y"], influence=[tmp_path]), "no influence.parquet"),
+    ]:
+        with pytest.raises(DynamicsError) as err:
+            sample_table(cfg)
+        assert needle in str(err.value)
+    assert not out.exists()  # nothing half-written
