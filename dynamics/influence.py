@@ -139,8 +139,13 @@ def token_logprobs(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Te
     cap = getattr(hf.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    logp = torch.log_softmax(_upcast(logits), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return logp * valid, valid
+
+
+def _upcast(x: Tensor) -> Tensor:
+    """Half-precision logits go through log-softmax in fp32; fp32/fp64 stay as they are."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
 
 
 def sequence_weights(valid: Tensor, reduce: str) -> Tensor:
@@ -223,7 +228,7 @@ class _GradientPass:
         with torch.enable_grad(), self.recorder.capture(_layout(items), on_param):
             logp, valid = token_logprobs(self.lm.model, batch)
             weights = token_weights if token_weights is not None else sequence_weights(valid, self.config.reduce)
-            per_sample = (logp * weights.to(logp.device)).sum(1)
+            per_sample = (logp * weights.to(logp.device, logp.dtype)).sum(1)
             self.recorder.backward(per_sample)
         return per_sample.detach()
 
@@ -351,7 +356,7 @@ def _expand_per_token(encoded: list[Encoded]) -> tuple[list[Encoded], list[tuple
     """One pseudo-probe per completion token (same input, weight on that token only)."""
     out, keys = [], []
     for i, e in enumerate(encoded):
-        for t in range(sum(e.completion_mask) - 1 if e.completion_mask[-1] else sum(e.completion_mask)):
+        for t in range(sum(e.completion_mask)):
             out.append(e)
             keys.append((i, t))
     return out, keys
@@ -495,7 +500,7 @@ def _probe_logits_state(lm: LoadedModel, probe_batch: dict[str, Tensor]) -> tupl
     hidden = body(**{k: probe_batch[k] for k in keys if k in probe_batch}, use_cache=False).last_hidden_state
     pos, valid, targets = completion_positions(probe_batch["input_ids"], probe_batch["completion_mask"])
     h = hidden.gather(1, pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-    return torch.log_softmax(head(h).float(), -1), valid, targets
+    return torch.log_softmax(_upcast(head(h)), -1), valid, targets
 
 
 def one_step(
@@ -626,68 +631,89 @@ class InfluenceRun:
     lr: float = 1e-4
 
 
+@dataclass
+class Shard:
+    """One unit of resumable work: a checkpoint and a block of training samples."""
+
+    index: int
+    ckpt: object  # dynamics.models.Checkpoint
+    block: int
+    path: Path
+    tokens_path: Path
+
+
 def _slug(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def run(job: InfluenceRun, progress_factory: Callable[[str, int], Callable[[int], None]] | None = None,
-        rank: int = 0, world: int = 1) -> Path:
-    """Compute influence for every checkpoint in shards (resumable), then merge and write the manifest.
-
-    Shards are (checkpoint, block of ``shard_size`` training samples); with ``world > 1`` rank r computes
-    the shards whose index ≡ r (mod world) and rank 0 merges (the caller synchronises ranks in between).
-    """
+def _inputs(job: InfluenceRun) -> tuple[list[dict], list[dict], list, list[list[dict]], list[Shard]]:
     from dynamics.data import read_records
-    from dynamics.models import load_model, resolve_checkpoints
+    from dynamics.models import resolve_checkpoints
 
     job.config.validate()
-    out = Path(job.out)
-    shards = out / "shards"
-    shards.mkdir(parents=True, exist_ok=True)
     train = read_records(job.train)
     probes = read_records(job.probes)
     ckpts = [c for spec in job.ckpts for c in resolve_checkpoints(spec)]
     if not ckpts:
         raise DynamicsError("no checkpoints found", field="ckpt")
     blocks = [train[i:i + job.shard_size] for i in range(0, len(train), job.shard_size)]
-    key = _slug(json.dumps([asdict(job.config), file_hash(job.train), file_hash(job.probes)]))
-    timings: dict[str, float] = {"load": 0.0, "compute": 0.0, "write": 0.0}
-    todo = []
+    key = _slug(json.dumps([asdict(job.config), file_hash(job.train), file_hash(job.probes), job.shard_size]))
+    shards_dir = Path(job.out) / "shards"
+    shards = []
     for ci, ck in enumerate(ckpts):
         for bi in range(len(blocks)):
-            name = shards / f"{key}-{_slug(ck.spec)}-{bi:05d}.parquet"
-            todo.append((ci * len(blocks) + bi, ck, bi, name))
+            stem = f"{key}-{_slug(ck.spec)}-{bi:05d}"
+            shards.append(Shard(ci * len(blocks) + bi, ck, bi, shards_dir / f"{stem}.parquet",
+                                shards_dir / f"{stem}.tokens.parquet"))
+    return train, probes, ckpts, blocks, shards
+
+
+def compute_shards(job: InfluenceRun, rank: int = 0, world: int = 1,
+                   progress_factory: Callable[[str, int], Callable[[int], None]] | None = None) -> dict[str, float]:
+    """Compute this rank's unfinished shards (index ≡ rank mod world), each written atomically."""
+    from dynamics.models import load_model
+
+    train, probes, ckpts, blocks, shards = _inputs(job)
+    Path(job.out, "shards").mkdir(parents=True, exist_ok=True)
+    timings = {"load": 0.0, "compute": 0.0, "write": 0.0}
+    mine = [s for s in shards if s.index % world == rank]
     if not job.resume:
-        for _, _, _, name in todo:
-            if rank == 0 and name.exists():
-                name.unlink()
-    mine = [t for t in todo if t[0] % world == rank and not (job.resume and t[3].exists())]
-    loaded: dict[str, LoadedModel] = {}
-    for _, ck, bi, name in mine:
+        for s in mine:
+            s.path.unlink(missing_ok=True)
+            s.tokens_path.unlink(missing_ok=True)
+    lm, loaded_spec = None, None
+    for s in mine:
+        if s.path.exists() and (s.tokens_path.exists() or not job.config.per_token):
+            continue
         t0 = time.perf_counter()
-        if ck.spec not in loaded:
-            loaded.clear()
-            loaded[ck.spec] = load_model(ck.spec, dtype=job.config.dtype, device=job.config.device)
-        lm = loaded[ck.spec]
+        if loaded_spec != s.ckpt.spec:
+            lm, loaded_spec = None, None
+            lm = load_model(s.ckpt.spec, dtype=job.config.dtype, device=job.config.device)
+            loaded_spec = s.ckpt.spec
         timings["load"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        tick = progress_factory(f"{ck.name} [{bi + 1}/{len(blocks)}]", len(blocks[bi])) if progress_factory else None
+        block = blocks[s.block]
+        tick = progress_factory(f"{s.ckpt.name} [{s.block + 1}/{len(blocks)}]", len(block)) if progress_factory \
+            else None
         if job.config.mode == "projected":
-            df = _projected_block(lm, blocks[bi], probes, job, ck, bi, key, tick)
+            df = _projected_block(lm, block, probes, job, s.ckpt, tick)
         else:
-            df = compute(lm, blocks[bi], probes, job.config, ckpt=ck.name, step=ck.step, progress=tick)
+            df = compute(lm, block, probes, job.config, ckpt=s.ckpt.name, step=s.ckpt.step, progress=tick)
+        tokens = per_token_kernel(lm, block, probes, job.config, s.ckpt.name, s.ckpt.step) \
+            if job.config.per_token else None
         timings["compute"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        with atomic_path(name) as tmp:
+        if tokens is not None:
+            with atomic_path(s.tokens_path) as tmp:
+                tokens.to_parquet(tmp, index=False)
+        with atomic_path(s.path) as tmp:
             df.to_parquet(tmp, index=False)
         timings["write"] += time.perf_counter() - t0
-    if rank != 0:
-        return out / "influence.parquet"
-    return _merge(job, todo, ckpts, train, probes, timings, loaded)
+    return timings
 
 
 def _projected_block(lm: LoadedModel, block: list[dict], probes: list[dict], job: InfluenceRun, ck,
-                     bi: int, key: str, tick) -> pd.DataFrame:
+                     tick: Callable[[int], None] | None) -> pd.DataFrame:
     """Projected kernel for one block, reusing stored training features when present."""
     cfg = job.config
     store = Path(job.features_dir) if job.features_dir else Path(job.out) / "features"
@@ -696,8 +722,7 @@ def _projected_block(lm: LoadedModel, block: list[dict], probes: list[dict], job
                              cfg.proj_dim, cfg.proj_seed, cfg.dtype]))
     path = store / f"train-{fkey}.pt"
     if path.exists():
-        saved = torch.load(path)
-        ft = saved["features"]
+        ft = torch.load(path)["features"]
     else:
         ft = features(lm, encode_all(lm, block), cfg, tick)
         with atomic_path(path) as tmp:
@@ -709,26 +734,36 @@ def _projected_block(lm: LoadedModel, block: list[dict], probes: list[dict], job
                         [p["id"] for p in probes], ck.name, ck.step)
 
 
-def _merge(job: InfluenceRun, todo: list, ckpts: list, train: list[dict], probes: list[dict],
-           timings: dict[str, float], loaded: dict[str, LoadedModel]) -> Path:
+def merge(job: InfluenceRun, timings: dict[str, float] | None = None) -> Path:
+    """Concatenate every shard into OUT/influence.parquet (+ tokens), run the optional one-step check, and
+    write OUT/manifest.json."""
+    from dynamics.models import load_model
+
+    train, probes, ckpts, _, shards = _inputs(job)
     out = Path(job.out)
-    missing = [str(t[3]) for t in todo if not t[3].exists()]
+    missing = [s.path for s in shards if not s.path.exists()]
     if missing:
-        raise DynamicsError(f"{len(missing)} shards are missing (another rank still running?)", file=missing[0])
+        raise DynamicsError(f"{len(missing)} shards are missing; rerun with --resume", file=missing[0])
+    timings = dict(timings or {})
     t0 = time.perf_counter()
-    df = pd.concat([pd.read_parquet(t[3]) for t in todo], ignore_index=True)
+    df = pd.concat([pd.read_parquet(s.path) for s in shards], ignore_index=True)
     with atomic_path(out / "influence.parquet") as tmp:
         df.to_parquet(tmp, index=False)
-    timings["write"] += time.perf_counter() - t0
+    if job.config.per_token:
+        tok = pd.concat([pd.read_parquet(s.tokens_path) for s in shards], ignore_index=True)
+        with atomic_path(out / "influence_tokens.parquet") as tmp:
+            tok.to_parquet(tmp, index=False)
+    timings["write"] = timings.get("write", 0.0) + time.perf_counter() - t0
     extra = {}
     if job.predict_check:
-        lm = next(iter(loaded.values())) if loaded else None
-        if lm is not None:
-            res = one_step(lm, train[: job.predict_check], probes, job.config, lr=job.lr)
-            with atomic_path(out / "predict_check.parquet") as tmp:
-                res.table.to_parquet(tmp, index=False)
-            extra["predict_check"] = {"samples": job.predict_check, "lr": job.lr, "pearson": res.pearson,
-                                      "spearman": res.spearman}
+        last = ckpts[-1]
+        lm = load_model(last.spec, dtype=job.config.dtype, device=job.config.device)
+        res = one_step(lm, train[: job.predict_check], probes, job.config, lr=job.lr)
+        res.table.insert(0, "ckpt", last.name)
+        with atomic_path(out / "predict_check.parquet") as tmp:
+            res.table.to_parquet(tmp, index=False)
+        extra["predict_check"] = {"ckpt": last.name, "samples": job.predict_check, "lr": job.lr,
+                                  "pearson": res.pearson, "spearman": res.spearman}
     write_json(out / "manifest.json", {
         "format": 1,
         "command": "influence",
@@ -739,12 +774,71 @@ def _merge(job: InfluenceRun, todo: list, ckpts: list, train: list[dict], probes
         "probes_sha256": file_hash(job.probes),
         "n_train": len(train),
         "n_probes": len(probes),
-        "options": asdict(job.config),
+        "options": {**asdict(job.config), "shard_size": job.shard_size},
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "versions": versions(),
         **extra,
     })
     return out / "influence.parquet"
+
+
+def run(job: InfluenceRun, progress_factory: Callable[[str, int], Callable[[int], None]] | None = None) -> Path:
+    """Single process: compute every shard, then merge."""
+    t0 = time.perf_counter()
+    timings = compute_shards(job, progress_factory=progress_factory)
+    timings["total"] = time.perf_counter() - t0
+    return merge(job, timings)
+
+
+def run_job(job: InfluenceRun, launcher: str = "none", nproc: int = 2) -> Path | None:
+    """The ``dynamics influence`` entry: with progress bars, under torchrun when launched so (each rank
+    computes its shards; rank 0 merges), or relaunched on ``nproc`` processes with ``launcher="torchrun"``."""
+    from dynamics import distributed
+
+    if launcher == "torchrun":
+        distributed.relaunch(job, nproc)
+        return Path(job.out) / "influence.parquet"
+    if launcher != "none":
+        raise DynamicsError(f"--launcher must be none or torchrun, got {launcher!r}", field="launcher")
+    rank, world = distributed.init(job.config.device)
+    if world > 1 and job.config.device.startswith("cuda"):
+        job.config.device = f"cuda:{distributed.local_rank()}"
+    t0 = time.perf_counter()
+    with distributed.progress(enabled=rank == 0) as factory:
+        timings = compute_shards(job, rank, world, factory)
+    distributed.barrier()
+    path = None
+    if rank == 0:
+        timings["total"] = time.perf_counter() - t0
+        path = merge(job, timings)
+    distributed.barrier()
+    distributed.shutdown()
+    return path
+
+
+def report(path: str | os.PathLike) -> object:
+    """A rich renderable summarising an influence table (per checkpoint, plus harmful/helpful samples)."""
+    from rich.console import Group
+    from rich.table import Table
+
+    summary = summarise(pd.read_parquet(path))
+    table = Table(title=f"influence: {path}")
+    for col in ("checkpoint", "step", "mean |K|", "mean cosine", "mean ‖g(train)‖"):
+        table.add_column(col, justify="right" if col != "checkpoint" else "left")
+    parts: list = [table]
+    for ckpt, s in summary.items():
+        table.add_row(ckpt, str(s["step"]), f"{s['mean_abs_kernel']:.4g}", f"{s['mean_cosine']:+.4f}",
+                      f"{s['mean_train_norm']:.4g}")
+    last = list(summary.values())[-1]
+    for label in ("harmful", "helpful"):
+        t = Table(title=f"most {label} training samples (mean kernel over probes, last checkpoint)")
+        t.add_column("train_id")
+        t.add_column("mean K", justify="right")
+        t.add_column("mean cosine", justify="right")
+        for r in last[label]:
+            t.add_row(str(r["train_id"]), f"{r['kernel']:.4g}", f"{r['cosine']:+.4f}")
+        parts.append(t)
+    return Group(*parts)
 
 
 def summarise(df: pd.DataFrame, top: int = 5) -> dict:

@@ -1,0 +1,278 @@
+"""Influence core against brute-force autograd (one backward per sample, flatten, dot)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from influence_reference import reference_grads, untied_copy
+from PIL import Image
+
+from dynamics.errors import DynamicsError
+from dynamics.influence import InfluenceConfig, compute, one_step, per_token_kernel
+from dynamics.models import load_model
+
+TRAIN = [
+    {"id": f"t{i}", "prompt": [{"role": "user", "content": "abc " * (i + 1)}],
+     "completion": [{"role": "assistant", "content": "xy" * (i % 3 + 1)}]}
+    for i in range(5)
+]
+PROBES = [
+    {"id": f"p{i}", "prompt": [{"role": "user", "content": "q" * (2 * i + 1)}],
+     "completion": [{"role": "assistant", "content": "answer"[: i + 2]}]}
+    for i in range(3)
+]
+
+
+def kernel_of(df: pd.DataFrame, n: int, p: int) -> torch.Tensor:
+    return torch.tensor(df["kernel"].to_numpy()).reshape(n, p)
+
+
+def assert_matches_reference(lm, train, probes, config, rtol, ref_lm=None):
+    df = compute(lm, train, probes, config)
+    ref_lm = ref_lm or lm
+    gt = reference_grads(ref_lm, train, config.params, config.reduce)
+    gp = reference_grads(ref_lm, probes, config.params, config.reduce)
+    K_ref = gt @ gp.T
+    K = kernel_of(df, len(train), len(probes))
+    torch.testing.assert_close(K, K_ref, rtol=rtol, atol=rtol * K_ref.abs().max().item())
+    torch.testing.assert_close(torch.tensor(df["train_norm"].to_numpy()).reshape(len(train), -1)[:, 0],
+                               gt.norm(dim=1), rtol=rtol, atol=0)
+    torch.testing.assert_close(torch.tensor(df["probe_norm"].to_numpy()[: len(probes)]), gp.norm(dim=1),
+                               rtol=rtol, atol=0)
+    cos_ref = K_ref / (gt.norm(dim=1)[:, None] * gp.norm(dim=1)[None])
+    torch.testing.assert_close(torch.tensor(df["cosine"].to_numpy()).reshape(len(train), -1), cos_ref,
+                               rtol=rtol, atol=rtol)
+    return df, gt, gp
+
+
+@pytest.fixture(scope="module")
+def tiny64():
+    return load_model("tiny-llama", dtype="float64")
+
+
+@pytest.mark.parametrize("scope", ["linear", "all", r"layers\.1\.(mlp|post_attention)"])
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+@pytest.mark.parametrize(("batch_size", "contraction"), [(1, "auto"), (3, "ghost"), (2, "dense")])
+def test_exact_kernel_equals_brute_force_fp64(tiny64, scope, reduce, batch_size, contraction):
+    """Every scope, both reductions, batch sizes 1 and >1 with padding, ghost and materialised contractions;
+    tiny-llama ties its embedding and lm_head, so 'all' exercises the tied cross terms and 'linear' the
+    lm_head use alone."""
+    ref = untied_copy(tiny64) if scope == "linear" else tiny64
+    cfg = InfluenceConfig(params=scope, reduce=reduce, batch_size=batch_size, contraction=contraction,
+                          target="gold", dtype="float64")
+    assert_matches_reference(tiny64, TRAIN, PROBES, cfg, rtol=1e-6, ref_lm=ref)
+
+
+def test_tied_weights_include_cross_terms(tiny64):
+    """SmolLM2-style tied embedding/lm_head: the tensor's per-sample gradient is the sum of both uses, so the
+    kernel carries cross terms <g_emb(o), g_head(u)> that two separate parameters would not have."""
+
+    def k(lm, scope):
+        cfg = InfluenceConfig(params=scope, target="gold", dtype="float64")
+        return kernel_of(compute(lm, TRAIN, PROBES, cfg), 5, 3)
+
+    untied = untied_copy(tiny64)
+    tied = k(tiny64, "embed_tokens")
+    ref = reference_grads(tiny64, TRAIN, "embed_tokens") @ reference_grads(tiny64, PROBES, "embed_tokens").T
+    torch.testing.assert_close(tied, ref, rtol=1e-6, atol=1e-9)
+    separate = k(untied, "embed_tokens") + k(untied, "lm_head")
+    assert (tied - separate).abs().max() > 1e-3 * tied.abs().max()
+
+
+def test_lora_checkpoint_scope(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base = load_model("tiny-llama", dtype="float64")
+    base.save(tmp_path / "base")
+    peft = get_peft_model(load_model(tmp_path / "base", dtype="float64").model,
+                          LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    peft.save_pretrained(tmp_path / "adapter")
+    lm = load_model(tmp_path / "adapter", dtype="float64")
+    assert lm.is_peft
+    cfg = InfluenceConfig(params="lora", batch_size=2, target="gold", dtype="float64")
+    df, gt, _ = assert_matches_reference(lm, TRAIN, PROBES, cfg, rtol=1e-6)
+    assert gt.shape[1] == sum(p.numel() for n, p in lm.model.named_parameters() if "lora_" in n)
+
+
+def _images(tmp_path):
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (h, w) in enumerate([(112, 112), (56, 84), (84, 56)]):
+        p = tmp_path / f"{i}.png"
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")).save(p)
+        paths.append(str(p))
+    return paths
+
+
+@pytest.mark.parametrize("scope", ["linear", "all"])
+def test_tiny_vlm_with_images(tmp_path, scope):
+    """Vision tower in scope (patch conv, window attention, merger), images of different sizes, a text-only
+    sample in the same batch."""
+    vl = load_model("tiny-qwen2.5-vl", dtype="float64")
+    paths = _images(tmp_path)
+    train = [{"id": f"v{i}", "prompt": "what" * (i + 1), "completion": "it is"[: 2 + i], "images": [paths[i]]}
+             for i in range(3)] + [{"id": "text", "prompt": "plain", "completion": "ok"}]
+    probes = [{"id": "vp", "prompt": "colour?", "completion": "red", "images": [paths[0]]},
+              {"id": "tp", "prompt": "hi", "completion": "yo"}]
+    cfg = InfluenceConfig(params=scope, batch_size=2, target="gold", dtype="float64")
+    _, gt, _ = assert_matches_reference(vl, train, probes, cfg, rtol=1e-6)
+    names = [n for n, _ in vl.model.named_parameters()]
+    assert any("visual" in n for n in names) and gt[:3].abs().sum() > 0
+
+
+def test_default_model_fp32(default_lm):
+    """SmolLM2 (tied embeddings) in fp32: within 1e-3 of brute force."""
+    train = [{"id": "t0", "prompt": "What is the capital of Spain?", "completion": "The capital of Spain is Madrid."},
+             {"id": "t1", "prompt": "Order the pieces: B A C", "completion": "A B C"},
+             {"id": "t2", "prompt": "Name a colour.", "completion": "Blue is a colour."}]
+    probes = [{"id": "p0", "prompt": "What is the capital of France?", "completion": "Paris."},
+              {"id": "p1", "prompt": "What is 2+3?", "completion": "5"}]
+    cfg = InfluenceConfig(params="linear", batch_size=2, target="gold")
+    assert_matches_reference(default_lm, train, probes, cfg, rtol=1e-3, ref_lm=untied_copy(default_lm))
+
+
+def test_fp32_agrees_with_fp64():
+    k64 = kernel_of(compute(load_model("tiny-llama", dtype="float64"), TRAIN, PROBES,
+                            InfluenceConfig(target="gold", dtype="float64")), 5, 3)
+    k32 = kernel_of(compute(load_model("tiny-llama"), TRAIN, PROBES, InfluenceConfig(target="gold")), 5, 3)
+    torch.testing.assert_close(k32, k64, rtol=1e-4, atol=1e-4 * k64.abs().max().item())
+
+
+@pytest.mark.parametrize("projection", ["jl", "kron"])
+def test_projected_mode_error_within_bound(tiny64, projection):
+    """Projected kernels are unbiased; each pair's error stays within 5 standard deviations of its stated bound:
+    JL: Var ≤ 2‖g‖²‖h‖²/k; Kronecker per layer l: Var_l ≤ (2/k_o + 2/k_i + 4/(k_o k_i))‖g_l‖²‖h_l‖²."""
+    k = 256
+    cfg = InfluenceConfig(params="linear", mode="projected", projection=projection, proj_dim=k, target="gold")
+    ref = untied_copy(tiny64)
+    df = compute(tiny64, TRAIN, PROBES, cfg)
+    K = kernel_of(df, 5, 3)
+    gt = reference_grads(ref, TRAIN, "linear")
+    gp = reference_grads(ref, PROBES, "linear")
+    K_ref = gt @ gp.T
+    if projection == "jl":
+        sigma = math.sqrt(2 / k) * gt.norm(dim=1)[:, None] * gp.norm(dim=1)[None]
+    else:
+        from dynamics.gradients import scope_parameters
+
+        var = torch.zeros_like(K_ref)
+        start = 0
+        for p in scope_parameters(ref.model, "linear").values():
+            n = p.numel()
+            d_out, d_in = p.shape[0], p[0].numel()
+            k_o = max(1, min(d_out, round(math.sqrt(k))))
+            k_i = max(1, min(d_in, k // k_o))
+            c = 0.0 if p.dim() == 1 else 2 / k_o + 2 / k_i + 4 / (k_o * k_i)
+            var += c * gt[:, start:start + n].norm(dim=1)[:, None] ** 2 * gp[:, start:start + n].norm(dim=1)[None] ** 2
+            start += n
+        sigma = var.sqrt()
+    err = (K - K_ref).abs()
+    assert (err <= 5 * sigma + 1e-9).all(), (err / sigma).max()
+    assert (err > 0).any()  # it is an estimate, not the exact kernel
+
+
+def test_per_token_kernels_sum_to_sequence_kernel(tiny64):
+    cfg = InfluenceConfig(params="linear", batch_size=3, target="gold", dtype="float64")
+    tokens = per_token_kernel(tiny64, TRAIN, PROBES, cfg)
+    whole = compute(tiny64, TRAIN, PROBES, cfg)
+    summed = tokens.groupby(["train_id", "probe_id"], sort=False)["kernel"].sum()
+    merged = whole.set_index(["train_id", "probe_id"])["kernel"]
+    np.testing.assert_allclose(summed.loc[merged.index].to_numpy(), merged.to_numpy(), rtol=1e-7)
+    assert set(tokens.columns) >= {"token_index", "token", "kernel"}
+    # one token against brute force: the gradient of log p of probe p2's second completion token alone
+    from dynamics.data import collate, encode_record
+    from dynamics.gradients import scope_parameters
+
+    ref = untied_copy(tiny64)
+    params = list(scope_parameters(ref.model, "linear").values())
+    enc = encode_record(ref.tokenizer, PROBES[2])
+    b = collate([enc], ref.tokenizer.pad_token_id)
+    start = enc.prompt_len
+    logits = ref.model(input_ids=b["input_ids"]).logits
+    logp = torch.log_softmax(logits[0, start], -1)[b["input_ids"][0, start + 1]]
+    g = torch.cat([x.reshape(-1) for x in torch.autograd.grad(logp, params)])
+    expected = reference_grads(ref, TRAIN, "linear") @ g
+    got = tokens[(tokens.probe_id == "p2") & (tokens.token_index == 1)].set_index("train_id")["kernel"]
+    np.testing.assert_allclose(got.loc[[r["id"] for r in TRAIN]].to_numpy(), expected.detach().numpy(), rtol=1e-6)
+
+
+def test_one_step_prediction_on_default_model(default_lm):
+    """At small η the measured one-step change of probe log p follows η·K (Ren & Sutherland)."""
+    train = [{"id": "t0", "prompt": "What is the capital of Spain?", "completion": "Madrid."},
+             {"id": "t1", "prompt": "Order the pieces: B A C", "completion": "A B C"},
+             {"id": "t2", "prompt": "What is 7 times 6?", "completion": "42"},
+             {"id": "t3", "prompt": "Name a colour.", "completion": "Blue."}]
+    probes = [{"id": "p0", "prompt": "What is the capital of France?", "completion": "Paris."},
+              {"id": "p1", "prompt": "What is 2+3?", "completion": "5"},
+              {"id": "p2", "prompt": "What colour is the sky?", "completion": "Blue."}]
+    res = one_step(default_lm, train, probes, InfluenceConfig(target="gold"), lr=1e-5)
+    assert res.pearson > 0.95
+    assert (res.table["entk_fro_lower_bound"] > 0).all()
+    assert np.isfinite(res.table[["dlogp_measured", "dlogp_predicted"]].to_numpy()).all()
+    # weights restored after each step: a second run measures the same changes
+    again = one_step(default_lm, train[:1], probes, InfluenceConfig(target="gold"), lr=1e-5)
+    np.testing.assert_allclose(again.table["dlogp_measured"], res.table["dlogp_measured"][:3], rtol=1e-3, atol=1e-6)
+
+
+def test_bad_options_are_user_errors(tiny64):
+    with pytest.raises(DynamicsError, match="reduce"):
+        compute(tiny64, TRAIN, PROBES, InfluenceConfig(reduce="max"))
+    with pytest.raises(DynamicsError, match="no parameter name matches"):
+        compute(tiny64, TRAIN, PROBES, InfluenceConfig(params="nothing_like_this", target="gold"))
+    with pytest.raises(DynamicsError, match="LoRA"):
+        compute(tiny64, TRAIN, PROBES, InfluenceConfig(params="lora", target="gold"))
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_cli_writes_table_manifest_and_resumes(tmp_path, cli):
+    train = _write(tmp_path / "train.jsonl", TRAIN)
+    probes = _write(tmp_path / "probes.jsonl", PROBES)
+    out = tmp_path / "out"
+    args = ["influence", "--ckpt", "tiny-llama", "--train", str(train), "--probes", str(probes), "--out", str(out),
+            "--shard-size", "2", "--target", "gold"]
+    res = cli(*args)
+    assert res.returncode == 0, res.stderr
+    df = pd.read_parquet(out / "influence.parquet")
+    assert list(df.columns) == ["ckpt", "step", "train_id", "probe_id", "kernel", "cosine", "train_norm",
+                                "probe_norm"]
+    assert len(df) == 15 and set(df.train_id) == {r["id"] for r in TRAIN}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["n_train"] == 5 and manifest["train_sha256"] and manifest["versions"]["torch"]
+    assert "mean |K|" in res.stdout
+    direct = compute(load_model("tiny-llama"), TRAIN, PROBES, InfluenceConfig(target="gold"))
+    np.testing.assert_allclose(df["kernel"], direct["kernel"], rtol=1e-5)
+    # --resume keeps finished shards untouched and reproduces the table
+    shards = sorted((out / "shards").iterdir())
+    first = shards[0]
+    mtime = first.stat().st_mtime_ns
+    shards[-1].unlink()
+    res = cli(*args, "--resume")
+    assert res.returncode == 0, res.stderr
+    assert first.stat().st_mtime_ns == mtime
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "influence.parquet"), df)
+
+
+def test_cli_bad_input_is_one_line(tmp_path, cli):
+    train = _write(tmp_path / "train.jsonl", TRAIN[:1] + [{"id": "x", "prompt": "p"}])
+    probes = _write(tmp_path / "probes.jsonl", PROBES)
+    res = cli("influence", "--ckpt", "tiny-llama", "--train", str(train), "--probes", str(probes),
+              "--out", str(tmp_path / "o"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert f"{train}:2: field 'completion'" in res.stderr
+    res = cli("influence", "--ckpt", str(tmp_path / "missing"), "--train", str(train), "--probes", str(probes),
+              "--out", str(tmp_path / "o"))
+    assert res.returncode == 2 and res.stderr.count("\n") == 1
