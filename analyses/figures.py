@@ -25,13 +25,14 @@ from dynamics.analyses import (
     learning_forgetting,
     rollout_sign,
     style,
+    training,
 )
 from dynamics.analyses.loader import Study
 from dynamics.analyses.stats import Finding
 from dynamics.store import write_text
 
-RECIPES: tuple[ModuleType, ...] = (learning_forgetting, influence_magnitude, influence_direction, base_alignment,
-                                   rollout_sign, knowledge_categories)
+RECIPES: tuple[ModuleType, ...] = (learning_forgetting, training, influence_magnitude, influence_direction,
+                                   base_alignment, rollout_sign, knowledge_categories)
 
 
 @dataclass
@@ -45,7 +46,7 @@ class FiguresConfig:
 @dataclass
 class Made:
     name: str  # figure file stem
-    recipe: str  # python function that made it
+    python: str  # the Python call that made it
     title: str
     paths: list[Path]
 
@@ -76,8 +77,8 @@ def make_figures(cfg: FiguresConfig, progress: bool = False) -> FiguresReport:
             comp = study.compares[item]
             name = "compare" if item == "compare" else f"compare-{item}"
             paths = style.save_figure(compare.plot(comp.samples, f"Training-data distributions ({item})"), out / name)
-            report.made.append(Made(name, "dynamics.analyses.compare.plot", f"Training-data distributions ({item})",
-                                    paths))
+            python = f"dynamics.analyses.compare.plot(Study.discover({str(cfg.runs)!r}).compares[{item!r}].samples)"
+            report.made.append(Made(name, python, f"Training-data distributions ({item})", paths))
             continue
         reason = item.needs(study)
         if reason:
@@ -86,7 +87,8 @@ def make_figures(cfg: FiguresConfig, progress: bool = False) -> FiguresReport:
         finding = item.analyse(study)
         report.findings[item.NAME] = finding
         for name, fig in finding.figures.items():
-            report.made.append(Made(name, f"{item.__name__}.analyse", fig.get_suptitle() or finding.title,
+            python = f"{item.__name__}.analyse(Study.discover({str(cfg.runs)!r}))"
+            report.made.append(Made(name, python, fig.get_suptitle() or finding.title,
                                     style.save_figure(fig, out / name)))
     write_text(out / "findings.json", json.dumps({k: f.to_dict() for k, f in report.findings.items()}, indent=2,
                                                  ensure_ascii=False) + "\n")
@@ -113,7 +115,7 @@ def readme(cfg: FiguresConfig, study: Study, report: FiguresReport) -> str:
                   f"([PDF]({made.name}.pdf))", ""]
         if owner:
             lines += [_summary(modules[owner]), ""]
-        lines.append(f"Made by `{cmd}` (Python: `{made.recipe}(Study.discover({str(cfg.runs)!r}))`).")
+        lines.append(f"Made by `{cmd}` (Python: `{made.python}`).")
         if owner and made.name == owner and report.findings[owner].claims:
             lines += ["", "| claim | measured | estimate [95% CI] | verdict |", "|---|---|---|---|"]
             for c in report.findings[owner].claims:

@@ -276,27 +276,23 @@ def run_table(runs: dict[str, list[Run]], logp: str) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------------------------ figures
-def _band(ax, df: pd.DataFrame, x: str, y: str, scale: float, st: style.LineStyle, label: str) -> None:
-    agg = df.groupby(x)[y].agg(["mean", "min", "max", "count"])
-    ax.plot(agg.index, scale * agg["mean"], label=label, markersize=4, linewidth=1.8, **st.kw())
-    if agg["count"].max() > 1:
-        ax.fill_between(agg.index, scale * agg["min"], scale * agg["max"], color=st.color, alpha=0.18, linewidth=0)
-
-
 def plot_curves(curves: pd.DataFrame, logp: str) -> object:
     """Novel-task accuracy, probe accuracy and probe log p over steps, and forgetting against learning."""
     overall = curves[curves["category"] == ""]
     groups = style.order(overall["group"].unique())
     sty = style.styles(groups)
     fig, axes = style.new_figure(4, title=TITLE, width=4.0)
-    panels = ((TASK, "Novel task (learning)"), (PACC, "Prior knowledge: accuracy"), (logp, "Prior knowledge: log p"))
-    for ax, (metric, title) in zip(axes, panels, strict=False):
+    target = "base model's responses" if logp == "probe_logp_base" else "gold answers"
+    panels = ((TASK, "Novel task (learning)", LABELS[TASK]), (PACC, "Prior knowledge: accuracy", LABELS[PACC]),
+              (logp, f"Prior knowledge: log p\n(of the {target})", "probe log p per token (nats)"))
+    for ax, (metric, title, ylabel) in zip(axes, panels, strict=False):
         scale = 100.0 if metric in PERCENT else 1.0
         for g in groups:
             part = overall[(overall["group"] == g) & (overall["metric"] == metric)]
             if not part.empty:
-                _band(ax, part, "step", "value", scale, sty[g], style.display(g))
-        ax.set(title=title, xlabel="training step", ylabel=LABELS[metric])
+                style.mean_band(ax, part, "step", "value", scale, sty[g], style.display(g))
+        ax.set(title=title, ylabel=ylabel)
+        style.step_axis(ax)
         if scale == 100.0:
             ax.set_ylim(-3, 103)
     ax = axes[3]
@@ -311,33 +307,9 @@ def plot_curves(curves: pd.DataFrame, logp: str) -> object:
     return style.finish(fig, axes, "Lines: mean over seeds; bands: min–max over seeds." if seeds else None)
 
 
-def plot_training(study: Study) -> object | None:
-    """Training loss, mean reward (RFT) and gradient norm over steps from each run's metrics.jsonl."""
-    groups = study.run_groups("metrics.jsonl")
-    if not groups:
-        return None
-    frames = [r.metrics.assign(group=g) for g, rs in groups.items() for r in rs]
-    df = pd.concat(frames, ignore_index=True)
-    panels = [(c, t, y) for c, t, y in (("loss", "Training loss", "loss (SFT: nats/token)"),
-                                        ("reward_mean", "Mean reward (RFT)", "reward (hit + accuracy + format)"),
-                                        ("grad_norm", "Gradient norm", "‖gradient‖ (L2, before clipping)"))
-              if c in df and df[c].notna().any()]
-    order = style.order(df["group"].unique())
-    sty = style.styles(order)
-    fig, axes = style.new_figure(len(panels), title="Training curves")
-    for ax, (col, title, ylabel) in zip(axes, panels, strict=True):
-        for g in order:
-            part = df[(df["group"] == g)].dropna(subset=[col])
-            if not part.empty:
-                s = sty[g]
-                _band(ax, part, "step", col, 1.0, style.LineStyle(s.color, s.linestyle, ""), style.display(g))
-        ax.set(title=title, xlabel="training step", ylabel=ylabel)
-    return style.finish(fig, axes)
-
-
 def analyse(study: Study) -> Finding:
     """Tables ``curves`` (tidy, every stored evaluation) and ``runs`` (one row per run), the learning and
-    forgetting claims, and the figures ``learning_forgetting`` and ``training_curves``."""
+    forgetting claims, and the figure."""
     runs = study.run_groups("eval.jsonl")
     logp = logp_metric([r for rs in runs.values() for r in rs])
     curves = tidy_curves(study)
@@ -345,7 +317,4 @@ def analyse(study: Study) -> Finding:
     finding = Finding(NAME, TITLE, tables={"curves": curves, "runs": table}, claims=claims_of(runs))
     finding.stats = {"logp_metric": logp, "runs": table.set_index("label").to_dict(orient="index")}
     finding.figures[NAME] = plot_curves(curves, logp)
-    training = plot_training(study)
-    if training is not None:
-        finding.figures["training_curves"] = training
     return finding

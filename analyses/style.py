@@ -207,6 +207,7 @@ def ci_lines(ax, table, labels: list[str], *, x: str = "step") -> None:
         err = [(part["mean"] - part["lo"]).clip(lower=0), (part["hi"] - part["mean"]).clip(lower=0)]
         ax.errorbar(part[x], part["mean"], yerr=err, capsize=3, markersize=5, linewidth=1.6, label=display(lab),
                     **sty[lab].kw())
+    step_axis(ax, "checkpoint step")
 
 
 def plain_log_ticks(ax, axis: str = "y") -> None:
@@ -219,3 +220,18 @@ def plain_log_ticks(ax, axis: str = "y") -> None:
     target.set_major_formatter(fmt)
     target.set_minor_formatter(FuncFormatter(lambda v, _: ""))
 
+
+def mean_band(ax, df, x: str, y: str, scale: float, st: LineStyle, label: str) -> None:
+    """The mean of ``y`` over runs at each ``x`` as a line, and its min–max over runs as a band."""
+    agg = df.groupby(x)[y].agg(["mean", "min", "max", "count"])
+    ax.plot(agg.index, scale * agg["mean"], label=label, markersize=4, linewidth=1.8, **st.kw())
+    if agg["count"].max() > 1:
+        ax.fill_between(agg.index, scale * agg["min"], scale * agg["max"], color=st.color, alpha=0.18, linewidth=0)
+
+
+def step_axis(ax, label: str = "training step") -> None:
+    """Label the x axis with training steps, ticks on whole steps only."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel(label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 2.5, 5, 10]))

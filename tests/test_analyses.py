@@ -18,6 +18,7 @@ from dynamics.analyses import (
     knowledge_categories,
     learning_forgetting,
     rollout_sign,
+    training,
 )
 from dynamics.analyses.loader import Study, read_jsonl_table
 from dynamics.analyses.stats import (
@@ -198,7 +199,10 @@ def test_learning_forgetting_numbers_by_hand(tmp_path):
     assert f.stats["logp_metric"] == "probe_logp_base"
     runs = f.tables["runs"].set_index("label")
     assert runs.loc["sft", "probe_accuracy_change"] == pytest.approx(-0.5)
-    assert set(f.figures) == {"learning_forgetting", "training_curves"}
+    assert set(f.figures) == {"learning_forgetting"}
+    t = training.analyse(Study.discover(tmp_path))
+    assert t.stats == {"sft": {"steps": 30, "loss_first": 1.0, "loss_last": pytest.approx(1 / 30)}}
+    assert training.needs(Study.discover(tmp_path / "runs" / "rft")) == "no run folder with metrics.jsonl"
 
 
 def test_learning_forgetting_intervals_from_seeds(tmp_path):
