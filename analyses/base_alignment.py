@@ -4,9 +4,10 @@ samples the base model already finds likely are the ones that disturb its prior 
 Read from a ``dynamics compare --model BASE`` output (``samples.parquet``): each training sample's per-token
 log p under the base model, log π₀(y|x)/|y| (perplexity = exp of minus it). Influence magnitude per sample
 comes from the same table when compare was given ``--influence``, else from the study's influence folders
-joined by ``train_id`` (at the earliest checkpoint each shares). Claims: the difference of mean per-token log p
-between sources (bootstrap over samples), and Spearman's ρ between per-token log p and ‖g(u)‖ over all samples
-(bootstrap over samples), expected negative.
+joined by ``train_id`` (at the earliest checkpoint each shares). Claims: the difference of mean per-token
+log p between sources -- paired by prompt where the sets answer the same prompts (``prompt_key``; the fair
+comparison, since likelihood depends on the prompt), else unpaired -- and Spearman's ρ between per-token
+log p and ‖g(u)‖ over all samples, expected negative; intervals bootstrap over prompts or samples.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import pandas as pd
 
 from dynamics.analyses import style
+from dynamics.analyses.compare import paired_by_prompt
 from dynamics.analyses.loader import CompareOutput, Study, common_step
 from dynamics.analyses.stats import Claim, Finding, diff_ci, mean_table, spearman_ci
 
@@ -56,12 +58,18 @@ def claims_of(samples: pd.DataFrame) -> list[Claim]:
         claim = Claim(f"{short}_closer_to_base", f"{src} data are more likely under the base model than SFT data",
                       f"difference of mean per-token log p under the base model (nats/token), {src} − SFT", ">")
         a, b = rep.get(src), rep.get("SFT")
-        if a and b:
+        if not (a and b):
+            claim.detail = f"needs compare output for both {src} and SFT data"
+        elif paired := paired_by_prompt(samples, a, b, "logp_mean"):
+            claim.estimate, claim.ci = paired["paired_diff"], (paired["paired_diff_lo"], paired["paired_diff_hi"])
+            claim.measure = (f"mean over the {paired['n_paired']} prompts both answer of the difference in per-token "
+                             f"log p under the base model (nats/token), {src} − SFT")
+            claim.detail = f"paired by prompt, bootstrap over prompts; Wilcoxon p = {paired['wilcoxon_p']:.2g}"
+        else:
             claim.estimate, claim.ci = diff_ci(samples.loc[samples["label"] == a, "logp_mean"],
                                                samples.loc[samples["label"] == b, "logp_mean"])
-            claim.detail = f"bootstrap over samples ({style.display(a)} vs {style.display(b)})"
-        else:
-            claim.detail = f"needs compare output for both {src} and SFT data"
+            claim.detail = f"no shared prompts: unpaired, bootstrap over samples ({style.display(a)} vs " \
+                           f"{style.display(b)})"
         claims.append(claim)
     claim = Claim("likelihood_predicts_magnitude", "Samples more likely under the base model have smaller gradients",
                   "Spearman ρ between per-token log p under the base model and ‖∇θ log p(y|x)‖, all samples", "<")

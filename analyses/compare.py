@@ -14,22 +14,28 @@ Per sample (one row per record of each data set, ``samples.parquet``):
 For every pair of data sets and every measure (``tests.parquet``): two-sided Kolmogorov–Smirnov and
 Mann–Whitney U tests, the difference of means, Cliff's δ and Cohen's d, each with a bootstrap interval, and
 Holm-adjusted Mann–Whitney p-values over the whole table. ``differs`` is Mann–Whitney p < alpha for that one
-test (so two samples of one distribution are flagged at rate alpha); use ``p_holm`` for the family.
+test (so two samples of one distribution are flagged at rate alpha); use ``p_holm`` for the family. Where the
+data sets answer the same prompts (``prompt_key``), also the paired comparison on those prompts -- the fair
+one for likelihood, which depends on the prompt: ``paired_diff`` with its interval and a Wilcoxon signed-rank
+``wilcoxon_p``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from dynamics.analyses import style
 from dynamics.analyses.loader import InfluenceSet, per_train_sample
-from dynamics.analyses.stats import N_RESAMPLES, holm, two_sample
+from dynamics.analyses.stats import CONFIDENCE, N_RESAMPLES, holm, mean_ci, two_sample
 from dynamics.errors import DynamicsError
 from dynamics.store import atomic_path, file_hash, versions, write_json
 
@@ -106,6 +112,13 @@ def _match_influence(folder: Path, data: dict[str, tuple[Path, set[str]]]) -> st
     return best
 
 
+def prompt_key(record: dict) -> str:
+    """A record's prompt (messages and images) as 16 hex digits of SHA-256: samples of different data sets
+    with equal keys answer the same prompt."""
+    key = json.dumps([record.get("prompt"), record.get("images")], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
 def sample_table(cfg: CompareConfig) -> pd.DataFrame:
     """Per-sample measures of every data set (the model-dependent part of compare)."""
     from dynamics.data import read_records, text_of
@@ -119,7 +132,7 @@ def sample_table(cfg: CompareConfig) -> pd.DataFrame:
 
         lm = load_model(cfg.model)
     for label, recs in records.items():
-        df = pd.DataFrame({"label": label, "id": [r["id"] for r in recs],
+        df = pd.DataFrame({"label": label, "id": [r["id"] for r in recs], "prompt_key": [prompt_key(r) for r in recs],
                            "n_chars": [len(text_of(r["completion"])) for r in recs]})
         if lm is not None:
             from dynamics.probes import completion_logprobs
@@ -167,9 +180,31 @@ def summary_table(samples: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def paired_by_prompt(samples: pd.DataFrame, a: str, b: str, measure: str, *, n_resamples: int = N_RESAMPLES,
+                     confidence: float = CONFIDENCE, seed: int = 0) -> dict[str, float] | None:
+    """A vs B on the prompts both answer: each prompt's mean of ``measure`` in A minus in B (several rollouts
+    of one prompt are averaged), the mean of these differences with its bootstrap interval, and the Wilcoxon
+    signed-rank p-value. None without ``prompt_key`` or with fewer than 3 shared prompts."""
+    if "prompt_key" not in samples.columns:
+        return None
+    per = samples.dropna(subset=[measure]).groupby(["label", "prompt_key"])[measure].mean()
+    if a not in per.index.get_level_values(0) or b not in per.index.get_level_values(0):
+        return None
+    xa, xb = per[a], per[b]
+    common = xa.index.intersection(xb.index)
+    if len(common) < 3:
+        return None
+    d = (xa[common] - xb[common]).to_numpy(float)
+    est, ci = mean_ci(d, n_resamples=n_resamples, confidence=confidence, seed=seed) if n_resamples else (d.mean(), None)
+    p = 1.0 if not np.any(d) else float(stats.wilcoxon(d).pvalue)
+    lo, hi = ci if ci else (math.nan, math.nan)
+    return {"n_paired": len(common), "paired_diff": est, "paired_diff_lo": lo, "paired_diff_hi": hi, "wilcoxon_p": p}
+
+
 def pairwise_tests(samples: pd.DataFrame, alpha: float = 0.05, n_resamples: int = N_RESAMPLES, seed: int = 0
-               ) -> pd.DataFrame:
-    """Every pair of data sets (in input order) and every tested measure: tests and effect sizes of A vs B."""
+                   ) -> pd.DataFrame:
+    """Every pair of data sets (in input order) and every tested measure: tests and effect sizes of A vs B,
+    and the paired comparison on shared prompts where there are any (:func:`paired_by_prompt`)."""
     labels = list(dict.fromkeys(samples["label"]))
     rows = []
     for a, b in itertools.combinations(labels, 2):
@@ -177,12 +212,14 @@ def pairwise_tests(samples: pd.DataFrame, alpha: float = 0.05, n_resamples: int 
         for m in (m for m in TESTED if m in samples.columns):
             x, y = xa[m].dropna().to_numpy(float), xb[m].dropna().to_numpy(float)
             if len(x) >= 2 and len(y) >= 2:
-                rows.append({"a": a, "b": b, "metric": m,
-                             **two_sample(x, y, n_resamples=n_resamples, confidence=1 - alpha, seed=seed)})
-    tests = pd.DataFrame(rows, columns=["a", "b", "metric"] + (list(rows[0])[3:] if rows else []))
-    if not tests.empty:
-        tests["p_holm"] = holm(tests["mwu_p"].to_numpy())
-        tests["differs"] = tests["mwu_p"] < alpha
+                kw = {"n_resamples": n_resamples, "confidence": 1 - alpha, "seed": seed}
+                rows.append({"a": a, "b": b, "metric": m, **two_sample(x, y, **kw),
+                             **(paired_by_prompt(samples, a, b, m, **kw) or {})})
+    if not rows:
+        return pd.DataFrame(columns=["a", "b", "metric"])
+    tests = pd.DataFrame(rows)
+    tests["p_holm"] = holm(tests["mwu_p"].to_numpy())
+    tests["differs"] = tests["mwu_p"] < alpha
     return tests
 
 

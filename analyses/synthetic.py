@@ -148,16 +148,20 @@ def _write_influence(root: Path, label: str, src: Source, recs: list[dict], prob
 
 
 def _write_compare(root: Path, eff: Effects, rng: np.random.Generator, write_outputs) -> None:
+    from dynamics.analyses.compare import prompt_key
     from dynamics.analyses.loader import InfluenceSet
 
     frames = []
     for label, src in eff.sources.items():
-        per = InfluenceSet(label, root / "influence" / label).per_sample
+        inf = InfluenceSet(label, root / "influence" / label)
+        keys = {r["id"]: prompt_key(r) for r in inf.train_records}
+        per = inf.per_sample
         per = per[per["step"] == per["step"].min()]
         z = np.log(per["train_norm"].to_numpy() / src.norm)
         logp = np.minimum(src.logp - 0.5 * z + 0.05 * rng.standard_normal(len(per)), -0.01)
         n_tokens = rng.integers(4, 12, len(per))
-        frames.append(pd.DataFrame({"label": label, "id": per["train_id"].to_numpy(), "n_chars": 3 * n_tokens,
+        frames.append(pd.DataFrame({"label": label, "id": per["train_id"].to_numpy(),
+                                    "prompt_key": per["train_id"].map(keys).to_numpy(), "n_chars": 3 * n_tokens,
                                     "n_tokens": n_tokens, "logp_sum": logp * n_tokens, "logp_mean": logp,
                                     "ppl": np.exp(-logp), "influence_step": per["step"].to_numpy(),
                                     **{c: per[c].to_numpy() for c in ("train_norm", "mean_abs_kernel",

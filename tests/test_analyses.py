@@ -293,6 +293,13 @@ def test_base_alignment_by_hand(two_sources):
     rho = f.claim("likelihood_predicts_magnitude")
     assert rho.estimate == pytest.approx(sps.spearmanr(x, y).statistic)
     assert f.stats["spearman_by_source"]["sft"]["rho"] == pytest.approx(-1.0)
+    assert f.claim("rft_closer_to_base").detail.startswith("no shared prompts: unpaired")
+    # when both sets answer the same prompts, the claim is the mean per-prompt difference (prompts 0..2 shared)
+    samples["prompt_key"] = [f"q{i}" for i in range(4)] + ["q0", "q1", "q2", "other"]
+    write_outputs(root / "compare", samples, n_resamples=100, figure=False)
+    c = base_alignment.analyse(Study.discover(root)).claim("rft_closer_to_base")
+    assert c.estimate == pytest.approx(np.mean(np.array(logp["rft"][:3]) - logp["sft"][:3]))
+    assert c.detail.startswith("paired by prompt") and "3 prompts" in c.measure
 
 
 # --------------------------------------------------------------------------------------- 5. rollout sign

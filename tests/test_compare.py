@@ -56,6 +56,22 @@ def test_same_distribution_is_flagged_at_rate_alpha():
     assert np.mean(ks) <= 0.09
 
 
+def test_paired_by_prompt_removes_prompt_difficulty():
+    """Per-prompt difficulty varies far more than the shift between data sets: unpaired tests miss the shift,
+    the comparison paired on shared prompts finds it, and its estimate is the mean per-prompt difference."""
+    rng = np.random.default_rng(2)
+    difficulty = rng.normal(0, 3, 40)
+    x = difficulty + rng.normal(0.3, 0.2, 40)
+    y = np.repeat(difficulty, 2) + rng.normal(0.0, 0.2, 80)  # two rollouts per prompt in B
+    df = pd.DataFrame({"label": ["a"] * 40 + ["b"] * 80, "id": [str(i) for i in range(120)],
+                       "prompt_key": [f"k{i}" for i in range(40)] + [f"k{i // 2}" for i in range(80)],
+                       "logp_mean": np.concatenate([x, y])})
+    row = pairwise_tests(df, n_resamples=300).iloc[0]
+    assert row.mwu_p > 0.2 and not row.differs
+    assert row.n_paired == 40 and row.wilcoxon_p < 1e-6 and row.paired_diff_lo > 0
+    assert row.paired_diff == pytest.approx(np.mean(x - y.reshape(40, 2).mean(1)))
+
+
 def test_cli_compares_lengths_and_joins_influence(tmp_path, cli):
     gold = jsonl(tmp_path / "gold.jsonl", records("g", 30, 12))
     roll = jsonl(tmp_path / "rollouts.jsonl", records("r", 30, 3))
@@ -78,6 +94,8 @@ def test_cli_compares_lengths_and_joins_influence(tmp_path, cli):
     t = pd.read_parquet(out / "tests.parquet").set_index("metric")
     assert t.loc["n_chars", "differs"] and t.loc["n_chars", "cliffs_delta"] == 1.0  # every gold answer is longer
     assert "train_norm" not in t.index  # only one side has influence
+    # both sets answer the same 30 prompts: the paired difference of lengths is exact, (12 − 3) words of 5 chars
+    assert t.loc["n_chars", "n_paired"] == 30 and t.loc["n_chars", "paired_diff"] == pytest.approx(45.0)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["command"] == "compare" and [d["label"] for d in manifest["data"]] == ["sft", "rft"]
     with Image.open(out / "compare.png") as im:
