@@ -26,7 +26,6 @@ import pandas as pd
 from dynamics.analyses import style
 from dynamics.analyses.loader import Run, Study
 from dynamics.analyses.stats import Claim, Finding, bootstrap_ci, t_interval_diff
-from dynamics.errors import DynamicsError
 
 NAME = "learning_forgetting"
 TITLE = "Learning the novel task vs forgetting prior knowledge"
@@ -45,7 +44,7 @@ def needs(study: Study) -> str | None:
 
 def logp_metric(runs: list[Run]) -> str:
     """The log p measure of forgetting: base responses' log p when every run stores it, else gold answers'."""
-    return "probe_logp_base" if all("probe_logp_base" in r.eval and r.eval["probe_logp_base"].notna().all()
+    return "probe_logp_base" if all("probe_logp_base" in r.eval and r.eval["probe_logp_base"].notna().any()
                                     for r in runs) else "probe_logp"
 
 
@@ -68,12 +67,13 @@ def tidy_curves(study: Study) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------------- run-level statistics
-def curve_of(run: Run, metric: str) -> Curve:
-    """(steps, values) of one stored metric of a run; a DynamicsError naming eval.jsonl when it is absent."""
+def curve_of(run: Run, metric: str) -> Curve | None:
+    """(steps, values) of one stored metric of a run (the evaluations that hold it); None when none does."""
     ev = run.eval
-    if metric not in ev or ev[metric].isna().any():
-        raise DynamicsError("missing required field in some rows", file=run.path / "eval.jsonl", field=metric)
-    return ev["step"].to_numpy(float), ev[metric].to_numpy(float)
+    if metric not in ev:
+        return None
+    ev = ev.dropna(subset=[metric])
+    return (ev["step"].to_numpy(float), ev[metric].to_numpy(float)) if len(ev) else None
 
 
 def value_at(curve: Curve, at: float) -> np.ndarray:
@@ -118,9 +118,12 @@ def first_reach(curve: Curve, level: float) -> float | None:
     return float(s0 + (level - v0) / (v1 - v0) * (s1 - s0))
 
 
-def mean_curve(runs: list[Run], metric: str) -> Curve:
-    """The group's curve averaged over seeds at each step."""
-    df = pd.concat([r.eval[["step", metric]] for r in runs]).groupby("step")[metric].mean()
+def mean_curve(runs: list[Run], metric: str) -> Curve | None:
+    """The group's curve averaged over seeds at each step; None when a run does not store ``metric``."""
+    curves = [curve_of(r, metric) for r in runs]
+    if any(c is None for c in curves):
+        return None
+    df = pd.concat([pd.Series(v, index=s) for s, v in curves]).groupby(level=0).mean()
     return df.index.to_numpy(float), df.to_numpy(float)
 
 
@@ -154,8 +157,11 @@ def compare_groups(a: list[Run], b: list[Run], metric: str, stat_a: Callable[[Cu
                    stat_b: Callable[[Curve], float], seed: int = 0
                    ) -> tuple[float | None, tuple[float, float] | None, str]:
     """stat_a(A's curve of ``metric``) − stat_b(B's), averaged over seeds; its interval; where that comes from."""
-    va = np.array([float(stat_a(curve_of(r, metric))) for r in a])
-    vb = np.array([float(stat_b(curve_of(r, metric))) for r in b])
+    ca, cb = [curve_of(r, metric) for r in a], [curve_of(r, metric) for r in b]
+    if any(c is None for c in ca + cb):
+        return None, None, f"{metric} is not stored in every run's eval.jsonl"
+    va = np.array([float(stat_a(c)) for c in ca])
+    vb = np.array([float(stat_b(c)) for c in cb])
     if not (np.isfinite(va).all() and np.isfinite(vb).all()):
         return None, None, "not measurable"
     if len(a) + len(b) > 2:
@@ -219,6 +225,9 @@ def _forget_claim(g: _Groups, key: str, statement: str, x: str | None, y: str | 
         return claim
     if matched:
         cx, cy = mean_curve(g.runs[x], TASK), mean_curve(g.runs[y], TASK)
+        if cx is None or cy is None:
+            claim.detail = "not measurable: task_accuracy is not stored in every run's eval.jsonl"
+            return claim
         level = min(cx[1].max(), cy[1].max())
         if level <= max(cx[1][0], cy[1][0]) + 1e-9:
             claim.detail = "not measurable: one run's task accuracy never rose above its starting value"
@@ -265,13 +274,13 @@ def run_table(runs: dict[str, list[Run]], logp: str) -> pd.DataFrame:
     rows = []
     for group, rs in runs.items():
         for r in rs:
-            c = {m: curve_of(r, m) for m in (TASK, PACC, logp)}
-            last = float(c[TASK][0][-1])
+            c = {m: cv for m in (TASK, PACC, logp) if (cv := curve_of(r, m)) is not None}
+            first, last = float(r.eval["step"].min()), float(r.eval["step"].max())
             rows.append({"label": r.label, "group": group, "seed": r.seed, "source": style.source_of(group),
-                         "first_step": float(c[TASK][0][0]), "last_step": last,
+                         "first_step": first, "last_step": last,
                          **{f"{m}_first": float(c[m][1][0]) for m in c}, **{f"{m}_last": float(c[m][1][-1]) for m in c},
                          **{f"{m}_change": float(change(c[m], last)) for m in c},
-                         "task_auc": float(auc(c[TASK], last))})
+                         **({"task_auc": float(auc(c[TASK], last))} if TASK in c else {})})
     return pd.DataFrame(rows)
 
 

@@ -30,7 +30,7 @@ from dynamics.errors import DynamicsError
 
 METRICS_COLUMNS = ("step", "loss")  # + lr, grad_norm, reward_mean?, reward_std?, kl?
 METRICS_NUMERIC = ("step", "loss", "lr", "grad_norm", "reward_mean", "reward_std", "kl")
-EVAL_COLUMNS = ("step", "task_accuracy", "probe_accuracy", "probe_logp")  # + probe_logp_base?, <metric>/<category>
+EVAL_COLUMNS = ("step",)  # + task_accuracy, probe_accuracy, probe_logp, probe_logp_base?, <metric>/<category>
 EVAL_ITEM_COLUMNS = ("step", "item_id", "kind", "correct")  # RUN/eval.parquet (optional per-item table)
 INFLUENCE_COLUMNS = ("ckpt", "step", "train_id", "probe_id", "kernel", "cosine", "train_norm", "probe_norm")
 SAMPLE_COLUMNS = ("label", "id")

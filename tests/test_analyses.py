@@ -205,6 +205,19 @@ def test_learning_forgetting_numbers_by_hand(tmp_path):
     assert training.needs(Study.discover(tmp_path / "runs" / "rft")) == "no run folder with metrics.jsonl"
 
 
+def test_learning_forgetting_without_a_task_evaluation(tmp_path):
+    """Runs evaluated on probes only: forgetting is measured, learning claims say what is missing."""
+    for label, d in (("sft", SFT), ("rft", RFT)):
+        jsonl(tmp_path / "runs" / label / "eval.jsonl",
+              [{"step": s, "probe_accuracy": d["probe_acc"][i], "probe_logp": d["logp_base"][i]}
+               for i, s in enumerate(STEPS)])
+    f = learning_forgetting.analyse(Study.discover(tmp_path))
+    assert f.claim("sft_forgets_more").estimate == pytest.approx(-0.55)  # gold log p, the only one stored
+    assert f.claim("sft_learns_faster").verdict == "not measured"
+    assert "task_accuracy is not stored" in f.claim("sft_learns_faster").detail
+    assert "task_accuracy is not stored" in f.claim("sft_forgets_more_matched").detail
+
+
 def test_learning_forgetting_intervals_from_seeds(tmp_path):
     for k, shift in enumerate((0.0, 0.1, -0.1)):
         jsonl(tmp_path / "runs" / f"sft-seed{k}" / "eval.jsonl",
