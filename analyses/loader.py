@@ -126,14 +126,16 @@ def read_parquet_table(path: str | os.PathLike, required: tuple[str, ...] = (),
 
 
 def _path_in(manifest: Path, value: Any, key: str, roots: tuple[Path, ...]) -> Path:
-    """Resolve a path named in a manifest (a string or an object with ``path``): absolute, or relative to the
-    manifest's folder, the study root or the working directory."""
+    """Resolve a path named in a manifest (a string or an object with ``path``): as written, else relative to
+    the manifest's folder, the study root or the working directory -- trying its last one, two and three parts
+    too, so that a study folder still reads after being moved or copied."""
     if isinstance(value, dict):
         value = value.get("path", value.get("file"))
     if not isinstance(value, str) or not value:
         raise DynamicsError("expected a path", file=manifest, field=key)
     p = Path(value).expanduser()
-    candidates = [p] if p.is_absolute() else [manifest.parent / p, *(r / p for r in roots), Path.cwd() / p]
+    tails = [p] if not p.is_absolute() else [Path(*p.parts[-k:]) for k in (1, 2, 3) if len(p.parts) > k]
+    candidates = [p] + [base / t for t in tails for base in (manifest.parent, *roots, Path.cwd())]
     for c in candidates:
         if c.is_file():
             return c

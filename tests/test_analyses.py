@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -156,6 +157,9 @@ def test_discovery_labels_seeds_and_bad_inputs(tmp_path, probes):
     with pytest.raises(DynamicsError, match="folder not found"):
         Study.discover(tmp_path / "nope")
 
+    moved = influence_dir(tmp_path, "y", influence_rows([1.0], [[0.1]], [1.0]), "/old/place/probes.jsonl", probes)
+    assert Study.discover(tmp_path).influence["y"].input_path("train") == tmp_path / "probes.jsonl"  # found in root
+    shutil.rmtree(moved)
     inf = influence_dir(tmp_path, "x", influence_rows([1.0], [[0.1]], [1.0]), tmp_path / "gone.jsonl", probes)
     study = Study.discover(tmp_path)
     with pytest.raises(DynamicsError) as err:
