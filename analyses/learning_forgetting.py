@@ -1,7 +1,7 @@
 """Finding 1 -- learning vs forgetting: SFT learns the novel task fast but forgets prior knowledge; RFT learns
 slowly and preserves it; SFT on RFT-style rollouts learns fast and forgets less.
 
-Read from each run's ``eval.jsonl`` (and ``metrics.jsonl`` for the training curves). For run groups A, B
+Read from each run's ``eval.jsonl``. For run groups A, B
 (seeds of one configuration form a group) and a horizon H = the last step both reached:
 
 * learning speed = area under the task-accuracy curve over [s₀, H] divided by H − s₀ (trapezoids; the mean
