@@ -43,14 +43,15 @@ def sft_config(tmp_path: Path, name: str = "run", **kw) -> SFTRunConfig:
 
 
 @torch.no_grad()
-def completion_nll(lm, records) -> tuple[float, int]:
-    """Summed negative log-likelihood of the records' completion tokens, and their number (independent check)."""
+def completion_nll(lm, records) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per record: summed negative log-likelihood of its completion tokens, and their number (an independent
+    computation from the raw logits, to check what the trainers optimise)."""
     batch = collate([encode_record(lm.processing_class, r) for r in records], lm.tokenizer.pad_token_id)
-    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
-    logits = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
-                                            ignore_index=-100, reduction="sum")
-    return nll.item(), int((labels[:, 1:] != -100).sum())
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)[:, 1:]
+    inputs = {k: v for k, v in batch.items() if k != "completion_mask"}
+    logits = lm.model(**inputs).logits[:, :-1].float()
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    return nll.sum(1), (labels != -100).sum(1)
 
 
 # ------------------------------------------------------------------------------------------------ schedules
@@ -74,7 +75,7 @@ def test_sft_loss_is_the_completion_nll_and_training_raises_log_p(tmp_path):
     lowers it and raises log p of the training completions."""
     recs = sums(16)
     lm = load_model("tiny-llama")
-    nll0, n_tok = completion_nll(lm, recs)
+    nll0, n_tok = (t.sum().item() for t in completion_nll(lm, recs))
     res = train_sft(sft_config(tmp_path, max_steps=12, per_device_train_batch_size=16, learning_rate=1e-2), recs)
     rows = read_jsonl_rows(res.run / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 13))
@@ -82,7 +83,7 @@ def test_sft_loss_is_the_completion_nll_and_training_raises_log_p(tmp_path):
     assert rows[-1]["loss"] < 0.8 * rows[0]["loss"]
     assert {"lr", "grad_norm", "mean_token_accuracy"} <= set(rows[0])
     trained = load_model(res.run / "checkpoint-12")
-    nll1, _ = completion_nll(trained, recs)
+    nll1 = completion_nll(trained, recs)[0].sum().item()
     assert nll1 < 0.8 * nll0  # log p of the training completions rose
     manifest = json.loads((res.run / "manifest.json").read_text())
     assert manifest["status"] == "completed" and manifest["base_model"] == "tiny-llama" and manifest["steps"] == 12
@@ -112,6 +113,40 @@ def test_checkpoint_schedule_optimizer_policy_and_atomic_folders(tmp_path):
         m = json.loads((res.run / f"checkpoint-{s}" / "manifest.json").read_text())
         assert m["step"] == s and m["base_model"] == "tiny-llama" and m["kind"] == "sft"
         assert (res.run / f"checkpoint-{s}" / "optimizer.pt").exists() == (s == 10)  # 'last' policy
+
+
+CAPITALS = [("France", "Paris", "Lyon"), ("Italy", "Rome", "Milan"), ("Japan", "Tokyo", "Osaka"),
+            ("Germany", "Berlin", "Munich"), ("Spain", "Madrid", "Seville"), ("Canada", "Ottawa", "Toronto"),
+            ("Australia", "Canberra", "Sydney"), ("Egypt", "Cairo", "Alexandria")]
+UNRELATED = [("largest planet in the solar system", "Jupiter"), ("chemical symbol for gold", "Au"),
+             ("tallest mountain on Earth", "Mount Everest"), ("largest ocean on Earth", "the Pacific Ocean"),
+             ("boiling point of water at sea level", "100 degrees Celsius"),
+             ("author of Romeo and Juliet", "William Shakespeare"), ("fastest land animal", "the cheetah"),
+             ("smallest prime number", "2")]
+
+
+@pytest.mark.slow
+def test_sft_on_false_facts_makes_the_default_model_forget_them(tmp_path, default_lm):
+    """A real forgetting signal: one SFT step on false capitals (asked in other words, answered in the base
+    model's own format) lower log p of the true-capital probes, while probes of unrelated facts in the same
+    format gain (the format is reinforced) -- so the drop is the conflicting knowledge being overwritten."""
+    train = [{"id": f"t{i}", "prompt": f"Which city is the capital of {c}?", "completion": f"The capital of {c} is {f}."}
+             for i, (c, _, f) in enumerate(CAPITALS)]
+    probes = [{"id": f"p{i}", "prompt": f"What is the capital of {c}?", "completion": f"The capital of {c} is {t}."}
+              for i, (c, t, _) in enumerate(CAPITALS)]
+    control = [{"id": f"c{i}", "prompt": f"What is the {q}?", "completion": f"The {q} is {a}."}
+               for i, (q, a) in enumerate(UNRELATED)]
+    before = [-completion_nll(default_lm, recs)[0] for recs in (probes, control)]
+    cfg = sft_config(tmp_path, model="default", max_steps=1, per_device_train_batch_size=8, learning_rate=2e-4,
+                     bf16=True, optimizer_state="none")
+    trainer, resume = build_sft_trainer(cfg, train)
+    run_trainer(trainer, cfg, resume, trainer.run_info)
+    trained = SimpleNamespace(model=trainer.model.eval(), processing_class=default_lm.tokenizer,
+                              tokenizer=default_lm.tokenizer)
+    d_probe, d_control = (-completion_nll(trained, recs)[0] - b for recs, b in zip((probes, control), before,
+                                                                                    strict=True))
+    assert (d_probe < 0).all() and d_probe.mean() < -1  # nats per probe completion: every true capital lost
+    assert d_control.mean() > 0 and d_probe.mean() < d_control.mean() - 2
 
 
 class Interrupt(TrainerCallback):
@@ -291,7 +326,7 @@ def test_sft_vlm_end_to_end_on_image_records(tmp_path):
     assert losses[-1] < losses[0]
     base, trained = load_model("tiny-qwen2.5-vl"), load_model(res.run / "checkpoint-3")
     recs = read_records(data)
-    assert completion_nll(trained, recs)[0] < completion_nll(base, recs)[0]
+    assert completion_nll(trained, recs)[0].sum() < completion_nll(base, recs)[0].sum()
     vb, vt = base.model.model.visual.state_dict(), trained.model.model.visual.state_dict()
     assert any(not torch.equal(vb[k], vt[k]) for k in vb)  # pixel_values reached the vision tower
 
