@@ -36,13 +36,19 @@ def compare(
 
     res = run_compare(CompareConfig(data=data, out=out, labels=label, model=model, influence=influence, step=step,
                                     batch_size=batch_size, alpha=alpha, n_resamples=resamples, seed=seed))
+    paired = "n_paired" in res.tests.columns
     table = Table(title=f"compare (A vs B; intervals {100 * (1 - alpha):g}%)")
     for col in ("A vs B", "measure", "mean A", "mean B", "A − B [CI]", "Cliff's δ [CI]", "KS p", "MWU p",
-                "differs"):
+                "differs", *(["same prompts: A − B [CI] (n)"] if paired else [])):
         table.add_column(col, justify="left" if col in ("A vs B", "measure") else "right")
     for r in res.tests.itertuples():
+        extra = []
+        if paired:
+            extra = ["–" if r.n_paired != r.n_paired else
+                     f"{_ci(r.paired_diff, r.paired_diff_lo, r.paired_diff_hi)} ({r.n_paired:.0f})"]
         table.add_row(f"{r.a} vs {r.b}", MEASURES[r.metric][1], f"{r.mean_a:.3g}", f"{r.mean_b:.3g}",
-                      _ci(r.mean_diff, r.mean_diff_lo, r.mean_diff_hi), _ci(r.cliffs_delta, r.cliffs_delta_lo, r.cliffs_delta_hi),
-                      f"{r.ks_p:.2g}", f"{r.mwu_p:.2g}", "[bold]yes[/]" if r.differs else "no")
+                      _ci(r.mean_diff, r.mean_diff_lo, r.mean_diff_hi),
+                      _ci(r.cliffs_delta, r.cliffs_delta_lo, r.cliffs_delta_hi), f"{r.ks_p:.2g}", f"{r.mwu_p:.2g}",
+                      "[bold]yes[/]" if r.differs else "no", *extra)
     console.print(table)
     console.print(f"wrote {', '.join(str(p) for p in res.paths)}")

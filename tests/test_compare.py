@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from dynamics.analyses.compare import CompareConfig, pairwise_tests, sample_table
@@ -122,3 +123,26 @@ def test_bad_input_is_one_line_naming_the_file(tmp_path, cli):
             sample_table(cfg)
         assert needle in str(err.value)
     assert not out.exists()  # nothing half-written
+
+
+def test_base_model_logprobs_equal_a_direct_forward_pass(tmp_path):
+    """With --model, log p of each completion is the sum of the completion tokens' log-probabilities under the
+    model (project tokenization), its mean per token, and the perplexity exp(−mean)."""
+    from dynamics.data import collate, encode_record, read_records
+    from dynamics.models import load_model
+
+    a = jsonl(tmp_path / "a.jsonl", records("a", 4, 2))
+    b = jsonl(tmp_path / "b.jsonl", records("b", 4, 6))
+    s = sample_table(CompareConfig(data=[a, b], out=tmp_path / "o", model="tiny-llama", batch_size=3)).set_index("id")
+    lm = load_model("tiny-llama")
+    for rec in read_records(b)[:2]:
+        enc = encode_record(lm.processing_class, rec)
+        batch = collate([enc], lm.tokenizer.pad_token_id)
+        with torch.no_grad():
+            logits = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[0]
+        lp = torch.log_softmax(logits[:-1].double(), -1).gather(-1, batch["input_ids"][0, 1:, None])[:, 0]
+        mask = batch["completion_mask"][0, 1:].bool()
+        row = s.loc[rec["id"]]
+        assert row["n_tokens"] == int(mask.sum())
+        assert row["logp_sum"] == pytest.approx(lp[mask].sum().item(), abs=1e-3)
+        assert row["ppl"] == pytest.approx(np.exp(-row["logp_mean"]))
