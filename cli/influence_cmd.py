@@ -24,6 +24,7 @@ def influence(
     features: Path | None = typer.Option(None, "--features", help="Projected mode: feature store to reuse."),
     contraction: str = typer.Option("auto", "--contraction", help="Exact mode: auto | ghost | dense."),
     target: str = typer.Option("base", "--target", help="Probe completion: base (model's own response) | gold."),
+    tokens: str = typer.Option("all", "--tokens", help="Completion tokens: all | content (cut at end-of-turn)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | float64 | bfloat16."),
     max_memory: float | None = typer.Option(None, "--max-memory", help="Probe-store memory budget in GiB."),
     per_token: bool = typer.Option(False, "--per-token", help="Also write influence_tokens.parquet."),
@@ -41,7 +42,7 @@ def influence(
     job = InfluenceRun(
         ckpts=list(ckpt), train=str(train), probes=str(probes), out=str(out),
         config=InfluenceConfig(params=params, reduce=reduce, batch_size=batch_size, mode=mode, proj_dim=proj_dim,
-                               projection=projection, contraction=contraction, target=target, dtype=dtype,
+                               projection=projection, contraction=contraction, target=target, tokens=tokens, dtype=dtype,
                                max_memory_gb=max_memory, per_token=per_token, device=device),
         shard_size=shard_size, resume=resume, features_dir=None if features is None else str(features),
         predict_check=predict_check, lr=lr,

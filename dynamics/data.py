@@ -242,6 +242,16 @@ class Encoded:
     def prompt_len(self) -> int:
         return len(self.input_ids) - sum(self.completion_mask)
 
+    def content_only(self, special_ids: set[int]) -> Encoded:
+        """The same sample with the completion cut at its first special token (the chat template's
+        end-of-turn and what follows), so only the answer's own tokens count."""
+        mask, ended = list(self.completion_mask), False
+        for i, (tok, m) in enumerate(zip(self.input_ids, mask, strict=True)):
+            if m and (ended or tok in special_ids):
+                ended = True
+                mask[i] = 0
+        return Encoded(self.input_ids, mask, self.pixel_values, self.image_grid_thw)
+
 
 def _chat_ids(processing_class: Any, messages: list[dict], add_generation_prompt: bool) -> list[int]:
     ids = processing_class.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)

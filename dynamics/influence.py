@@ -77,6 +77,7 @@ class InfluenceConfig:
     proj_dim: int = 1024
     projection: str = "kron"  # kron (LoGra-style, per layer) | jl (TRAK-style, whole gradient)
     proj_seed: int = 0
+    tokens: str = "all"  # all completion tokens, or content: cut at the end-of-turn (special) token
     contraction: str = "auto"  # auto (cheaper per layer and batch) | ghost | dense (force one, e.g. to compare)
     per_token: bool = False  # also the kernel of each probe token with each training sample
     target: str = "base"  # probe completion: the base model's own response (base) or the gold one (gold)
@@ -93,6 +94,8 @@ class InfluenceConfig:
             raise DynamicsError(f"--target must be base or gold, got {self.target!r}", field="target")
         if self.batch_size < 1 or self.proj_dim < 1:
             raise DynamicsError("--batch-size and --proj-dim must be positive", field="batch_size")
+        if self.tokens not in ("all", "content"):
+            raise DynamicsError(f"--tokens must be all or content, got {self.tokens!r}", field="tokens")
         if self.contraction not in ("auto", "ghost", "dense"):
             raise DynamicsError(f"--contraction must be auto, ghost or dense, got {self.contraction!r}",
                                 field="contraction")
@@ -179,17 +182,31 @@ class Batches:
         return float(np.mean(lens)) if lens else 0.0
 
 
-def encode_all(lm: LoadedModel, records: Sequence[dict], completions: Sequence | None = None) -> list[Encoded]:
-    """Encode records (optionally with other completions), checking each fits the model's context."""
+def encode_all(lm: LoadedModel, records: Sequence[dict], completions: Sequence | None = None,
+               tokens: str = "all") -> list[Encoded]:
+    """Encode records (optionally with other completions), checking each fits the model's context;
+    ``tokens="content"`` keeps only the answer's own completion tokens (see :meth:`Encoded.content_only`)."""
     limit = context_length(lm.model)
+    special = set(lm.tokenizer.all_special_ids)
     out = []
     for i, rec in enumerate(records):
         enc = encode_record(lm.processing_class, rec, max_length=limit,
                             completion=None if completions is None else completions[i])
+        if tokens == "content":
+            enc = enc.content_only(special)
         if not any(enc.completion_mask):
             raise DynamicsError(f"record {rec['id']} has no completion tokens", field="completion")
         out.append(enc)
     return out
+
+
+def encode_train(lm: LoadedModel, records: Sequence[dict], config: InfluenceConfig) -> list[Encoded]:
+    return encode_all(lm, records, tokens=config.tokens)
+
+
+def encode_probes(lm: LoadedModel, probes: Sequence[dict], config: InfluenceConfig) -> list[Encoded]:
+    """Probes with their target completion (the base model's own response, or gold)."""
+    return encode_all(lm, probes, _probe_completions(probes, config.target), tokens=config.tokens)
 
 
 def _layout(items: Sequence[Encoded]) -> Layout:
@@ -374,8 +391,7 @@ def compute(
     """The influence table (one row per training sample x probe) for one model; see the module docstring."""
     config = config or InfluenceConfig()
     config.validate()
-    train_enc = encode_all(lm, train)
-    probe_enc = encode_all(lm, probes, _probe_completions(probes, config.target))
+    train_enc, probe_enc = encode_train(lm, train, config), encode_probes(lm, probes, config)
     if config.mode == "projected":
         feats_t, feats_p = projected_features(lm, train_enc, probe_enc, config, progress)
         K = (feats_t @ feats_p.T).double()
@@ -430,8 +446,7 @@ def exact_kernel(lm: LoadedModel, train_enc: list[Encoded], probe_enc: list[Enco
 def per_token_kernel(lm: LoadedModel, train: Sequence[dict], probes: Sequence[dict],
                      config: InfluenceConfig, ckpt: str = "", step: int = 0) -> pd.DataFrame:
     """Kernel between each probe *token*'s log-likelihood gradient and each training sample's gradient."""
-    train_enc = encode_all(lm, train)
-    probe_enc = encode_all(lm, probes, _probe_completions(probes, config.target))
+    train_enc, probe_enc = encode_train(lm, train, config), encode_probes(lm, probes, config)
     expanded, keys = _expand_per_token(probe_enc)
     batches = Batches(expanded, config.batch_size)
     weights = []
@@ -526,8 +541,7 @@ def one_step(
     model = lm.model
     recorder_params = Recorder(model, config.params).params
     params = list(recorder_params.values())
-    probe_enc = encode_all(lm, probes, _probe_completions(probes, config.target))
-    train_enc = encode_all(lm, train)
+    train_enc, probe_enc = encode_train(lm, train, config), encode_probes(lm, probes, config)
     if kernel is None and optimizer == "sgd":
         kernel, _, _ = exact_kernel(lm, train_enc, probe_enc, config)
     probe_batch = collate(probe_enc, lm.tokenizer.pad_token_id)
@@ -724,11 +738,11 @@ def _projected_block(lm: LoadedModel, block: list[dict], probes: list[dict], job
     if path.exists():
         ft = torch.load(path)["features"]
     else:
-        ft = features(lm, encode_all(lm, block), cfg, tick)
+        ft = features(lm, encode_train(lm, block, cfg), cfg, tick)
         with atomic_path(path) as tmp:
             torch.save({"ids": [r["id"] for r in block], "features": ft, "ckpt": ck.spec,
                         "config": asdict(cfg)}, tmp)
-    fp = features(lm, encode_all(lm, probes, _probe_completions(probes, cfg.target)), cfg)
+    fp = features(lm, encode_probes(lm, probes, cfg), cfg)
     K = (ft @ fp.T).double()
     return kernel_table(K, ft.double().norm(dim=1), fp.double().norm(dim=1), [r["id"] for r in block],
                         [p["id"] for p in probes], ck.name, ck.step)

@@ -1,0 +1,137 @@
+"""``dynamics select``: choose training data that preserves prior knowledge.
+
+Every training sample u is scored by its predicted interference with the probes o, from the kernel
+K(o, u) = ⟨∇log π(y_o|x_o), ∇log π(y_u|x_u)⟩ (:mod:`dynamics.influence`): one SGD step of size η on u changes
+the probes' mean log-likelihood by η·mean_o K(o, u), so
+
+* ``drop-harmful`` drops the samples with the most negative mean kernel (largest predicted loss of prior
+  knowledge, which grows with both the gradient's magnitude and its misalignment) until the budget is met;
+* ``keep-aligned`` keeps the samples whose gradients point most along the probes' (highest mean cosine),
+  whatever their magnitude;
+* ``simulate-rollouts`` does what the study suggests: replaces each gold completion by one of the model's own
+  correct samples for the same prompt (scored by the task's reward), so the data sit where the model already
+  puts probability; prompts without a correct sample keep their gold answer; then, if the budget is smaller
+  than the set, drops the most harmful as above.
+
+The kept records are written to ``out``; a table next to it (``<out>.decisions.parquet``) explains each decision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from dynamics.errors import DynamicsError
+from dynamics.influence import InfluenceConfig, compute
+from dynamics.store import atomic_path
+
+STRATEGIES = ("drop-harmful", "keep-aligned", "simulate-rollouts")
+
+
+@dataclass
+class SelectConfig:
+    """Options of ``dynamics select`` (and :func:`select`)."""
+
+    data: str
+    probes: str
+    out: str
+    budget: str = "0.5"  # number of samples to keep, or a fraction of the set
+    strategy: str = "drop-harmful"
+    model: str = "default"
+    influence: InfluenceConfig = field(default_factory=InfluenceConfig)
+    task: str = "jigsaw"  # simulate-rollouts: the task whose reward judges a sample correct
+    task_args: str = ""
+    samples: int = 8
+    temperature: float = 1.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise DynamicsError(f"--strategy must be one of {', '.join(STRATEGIES)}", field="strategy")
+        self.influence.validate()
+
+
+def parse_budget(budget: str | float | int, n: int) -> int:
+    """``"200"`` keeps 200 samples, ``"0.25"`` a quarter of ``n``."""
+    try:
+        value = float(budget)
+    except (TypeError, ValueError):
+        raise DynamicsError(f"budget must be a count or a fraction, got {budget!r}", field="budget") from None
+    if value <= 0 or (value > 1 and value != int(value)):
+        raise DynamicsError(f"budget must be a positive count or a fraction in (0, 1], got {budget!r}",
+                            field="budget")
+    keep = round(value * n) if value <= 1 and "." in str(budget) else int(value)
+    return max(1, min(n, keep))
+
+
+def scores(influence: pd.DataFrame) -> pd.DataFrame:
+    """Per training sample: mean kernel, mean |kernel| and mean cosine over probes, and its gradient norm."""
+    g = influence.groupby("train_id", sort=False)
+    return pd.DataFrame({
+        "mean_kernel": g["kernel"].mean(),
+        "mean_abs_kernel": g["kernel"].apply(lambda k: k.abs().mean()),
+        "mean_cosine": g["cosine"].mean(),
+        "train_norm": g["train_norm"].first(),
+    })
+
+
+def _simulate(lm, records: list[dict], config: SelectConfig) -> tuple[list[dict], dict[str, str]]:
+    """Replace gold completions by the model's own correct samples; returns records and a reason per id."""
+    from dynamics.tasks import get_task, parse_task_args
+    from dynamics.train.rollouts import keep_rollouts, sample_rollouts
+
+    task = get_task(config.task, **parse_task_args(config.task_args))
+    rollouts = sample_rollouts(lm, task, records, samples=config.samples, temperature=config.temperature,
+                               seed=config.seed)
+    correct: dict[str, dict] = {}
+    for r in keep_rollouts(rollouts, "correct"):
+        correct.setdefault(r["meta"]["prompt_id"], r)
+    out, reasons = [], {}
+    for rec in records:
+        if rec["id"] in correct:
+            out.append({**rec, "completion": correct[rec["id"]]["completion"],
+                        "meta": {**rec.get("meta", {}), "gold_completion": rec["completion"], "source": "self"}})
+            reasons[rec["id"]] = "gold answer replaced by the model's own correct sample"
+        else:
+            out.append(rec)
+            reasons[rec["id"]] = f"no correct sample in {config.samples}: gold answer kept"
+    return out, reasons
+
+
+def select(config: SelectConfig, lm=None) -> tuple[Path, pd.DataFrame]:
+    """Score, rank and keep training samples; write the kept records and the decision table."""
+    from dynamics.data import read_records, write_records
+    from dynamics.models import load_model
+
+    config.validate()
+    records = read_records(config.data)
+    probes = read_records(config.probes)
+    keep_n = parse_budget(config.budget, len(records))
+    lm = lm or load_model(config.model, dtype=config.influence.dtype, device=config.influence.device)
+    reasons: dict[str, str] = {}
+    if config.strategy == "simulate-rollouts":
+        records, reasons = _simulate(lm, records, config)
+    table = scores(compute(lm, records, probes, config.influence)).loc[[r["id"] for r in records]]
+    if config.strategy == "keep-aligned":
+        order = table.sort_values("mean_cosine", ascending=False).index
+        why_drop = "gradient less aligned with the probes' (lower mean cosine)"
+    else:
+        order = table.sort_values("mean_kernel", ascending=False).index
+        why_drop = "largest predicted loss of probe log-likelihood (most negative mean kernel)"
+    kept = set(order[:keep_n])
+    table["rank"] = pd.Series(range(1, len(order) + 1), index=order)
+    table["decision"] = ["kept" if i in kept else "dropped" for i in table.index]
+    table["reason"] = [reasons.get(i, "within budget") if i in kept else why_drop for i in table.index]
+    table = table.reset_index(names="train_id")
+    out = Path(config.out)
+    write_records(out, [r for r in records if r["id"] in kept])
+    with atomic_path(decisions_path(out)) as tmp:
+        table.to_parquet(tmp, index=False)
+    return out, table
+
+
+def decisions_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.stem + ".decisions.parquet")

@@ -1,0 +1,62 @@
+"""dynamics select: conflicting training samples are dropped first."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from dynamics.errors import DynamicsError
+from dynamics.influence import InfluenceConfig
+from dynamics.select import SelectConfig, decisions_path, parse_budget, select
+
+FACTS = ["Is Paris the capital of France?", "Is water wet?", "Is the sun hot?", "Do fish live in water?"]
+PROBES = [{"id": f"fact{i}", "prompt": q + " Answer yes or no.", "completion": "Yes"} for i, q in enumerate(FACTS)]
+CONFLICTING = [{"id": f"contradicts{i}", "prompt": q + " Answer yes or no.", "completion": "No"}
+               for i, q in enumerate(FACTS[:2])]
+NEUTRAL = [{"id": "jig1", "prompt": "Pieces: B) the cat A) sat on C) the mat. Give the order.", "completion": "B A C"},
+           {"id": "jig2", "prompt": "Pieces: A) quick brown B) the C) fox. Give the order.", "completion": "B A C"},
+           {"id": "jig3", "prompt": "Pieces: C) rain A) falls B) softly. Give the order.", "completion": "C A B"},
+           {"id": "jig4", "prompt": "Pieces: B) sun A) rises C) early. Give the order.", "completion": "B A C"}]
+
+
+def write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("strategy", ["drop-harmful", "keep-aligned"])
+def test_conflicting_samples_are_dropped_first(tmp_path, default_lm, strategy):
+    data = write(tmp_path / "train.jsonl", NEUTRAL[:2] + CONFLICTING + NEUTRAL[2:])
+    probes = write(tmp_path / "probes.jsonl", PROBES)
+    cfg = SelectConfig(data=str(data), probes=str(probes), out=str(tmp_path / "kept.jsonl"), budget="4",
+                       strategy=strategy, influence=InfluenceConfig(target="gold", tokens="content"))
+    out, table = select(cfg, lm=default_lm)
+    kept = [json.loads(line)["id"] for line in out.read_text().splitlines()]
+    assert sorted(kept) == sorted(r["id"] for r in NEUTRAL)
+    dropped = table[table.decision == "dropped"]
+    assert set(dropped.train_id) == {r["id"] for r in CONFLICTING}
+    assert (dropped.mean_kernel < 0).all() and (table[table.decision == "kept"].mean_kernel > 0).all()
+    stored = pd.read_parquet(decisions_path(out))
+    assert list(stored.train_id) == list(table.train_id) and stored.reason.str.len().min() > 0
+
+
+def test_budget_parsing():
+    assert parse_budget("3", 10) == 3 and parse_budget("0.25", 8) == 2 and parse_budget("1.0", 8) == 8
+    assert parse_budget("50", 10) == 10
+    for bad in ("-1", "abc", "2.5", "0"):
+        with pytest.raises(DynamicsError, match="budget"):
+            parse_budget(bad, 10)
+
+
+def test_cli_select_and_bad_strategy(tmp_path, cli):
+    data = write(tmp_path / "train.jsonl", NEUTRAL)
+    probes = write(tmp_path / "probes.jsonl", PROBES)
+    res = cli("select", "--model", "tiny-llama", "--data", str(data), "--probes", str(probes), "--out",
+              str(tmp_path / "kept.jsonl"), "--budget", "0.5", "--target", "gold")
+    assert res.returncode == 0, res.stderr
+    assert len((tmp_path / "kept.jsonl").read_text().splitlines()) == 2 and "kept 2 of 4" in res.stdout
+    res = cli("select", "--model", "tiny-llama", "--data", str(data), "--probes", str(probes), "--out",
+              str(tmp_path / "k2.jsonl"), "--strategy", "random")
+    assert res.returncode == 2 and "strategy" in res.stderr and "Traceback" not in res.stderr
