@@ -129,6 +129,6 @@ def plot(samples: pd.DataFrame, rho: Claim) -> object:
             ax.text(0.97, 0.96, f"Spearman ρ = {rho.estimate:.2f}{ci}", transform=ax.transAxes, ha="right",
                     va="top", fontsize=9.5, bbox={"facecolor": "white", "edgecolor": "#bbbbbb", "alpha": 0.9})
         ax.set(title="Likelihood vs gradient norm", xlabel="log p per token under the base model (nats)",
-               ylabel="‖∇θ log p(y|x)‖ (log scale)")
+               ylabel="‖∇θ log p(y|x)‖")
     return style.finish(fig, axes, "Each point is one training sample; ρ with its 95% bootstrap CI over samples."
                         if has_norm else None)

@@ -65,7 +65,7 @@ def plot(per: pd.DataFrame, at: pd.DataFrame, means: pd.DataFrame, where: str) -
     labels = style.order(per["label"].unique())
     fig, axes = style.new_figure(3, title=TITLE)
     style.box_strip(axes[0], at, "train_norm", labels, log=True)
-    axes[0].set(title="Gradient norm per sample", ylabel="‖∇θ log p(y|x)‖ (log scale)")
+    axes[0].set(title="Gradient norm per sample", ylabel="‖∇θ log p(y|x)‖")
     style.box_strip(axes[1], at, "mean_abs_kernel", labels, log=True)
     axes[1].set(title="Influence on probes per sample", ylabel="mean |K| over probes (nats per unit lr)")
     k = means[means["measure"] == "mean_abs_kernel"]

@@ -186,6 +186,7 @@ def plot(forgetting: pd.DataFrame, influence: pd.DataFrame, where: str) -> objec
             part = influence[influence["measure"] == metric]
             _bars(ax, part, "label", "mean", style.order(part["label"].unique()), cats)
             ax.set(title="Alignment of training data", xlabel="mean cosine with the category's probes")
-    caption = "Bars: change from the first evaluation (negative = forgotten)"
-    caption += f"; mean cosine {where}" if where else ""
-    return style.finish(fig, axes, caption + ". Error bars: 95% bootstrap CI where per-item data allow.")
+    parts = (["change from the first evaluation (negative = forgotten)"] if not forgetting.empty else []) + \
+        ([f"mean cosine {where}"] if not influence.empty else [])
+    return style.finish(fig, axes, f"Bars: {'; '.join(parts)}. Error bars: 95% bootstrap CI where per-item data "
+                                   "allow.")

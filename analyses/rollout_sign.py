@@ -123,7 +123,7 @@ def plot(s: pd.DataFrame, push: pd.DataFrame, label: str, step: float) -> object
     data = s.assign(group=s["group"].map(names))
     colors = {names[g]: GROUP_COLORS[g] for g in groups}
     style.box_strip(axes[0], data, "train_norm", list(names.values()), x="group", log=True, colors=colors)
-    axes[0].set(title="Gradient norm per rollout", ylabel="‖∇θ log p(y|x)‖ (log scale)")
+    axes[0].set(title="Gradient norm per rollout", ylabel="‖∇θ log p(y|x)‖")
     style.box_strip(axes[1], data, "mean_cosine", list(names.values()), x="group", colors=colors)
     axes[1].axhline(0, color="#555555", linewidth=0.9)
     axes[1].set(title="Alignment with the probes", ylabel="mean cosine over probes")

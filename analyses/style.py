@@ -116,7 +116,8 @@ def new_figure(ncols: int, nrows: int = 1, *, title: str | None = None, width: f
     sns.set_theme(context="paper", style="whitegrid", font_scale=1.15,
                   rc={"axes.titleweight": "bold", "legend.frameon": False, "axes.spines.top": False,
                       "axes.spines.right": False})
-    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows + (0.4 if title else 0)),
+    total = max(width * ncols, 0.12 * len(title or "") + 1.0)  # wide enough for the title
+    fig, axes = plt.subplots(nrows, ncols, figsize=(total, height * nrows + (0.4 if title else 0)),
                              squeeze=False, layout="constrained", **kw)
     if title:
         fig.suptitle(title, fontsize=13, fontweight="bold")
@@ -161,6 +162,8 @@ def representatives(labels: Iterable[str]) -> dict[str, str]:
 def finish(fig: plt.Figure, axes: list, caption: str | None = None, ncols: int | None = None) -> plt.Figure:
     """One legend for the whole figure under the panels (from the labelled artists of ``axes``), with
     ``caption`` -- how to read the figure -- above its entries (or alone when nothing is labelled)."""
+    if caption:  # wrap to the figure's width (8.5 pt characters are about 0.075 inch wide)
+        caption = textwrap.fill(caption, int(fig.get_figwidth() / 0.075))
     seen: dict[str, object] = {}
     for ax in axes:
         for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
@@ -179,6 +182,8 @@ def box_strip(ax, df, column: str, labels: list[str], *, x: str = "label", log: 
     """One box (quartiles, whiskers to 1.5 IQR) and the individual points per value of ``x`` (in ``labels``
     order), coloured by ``colors`` (default: each label's source colour)."""
     pal = colors or palette(labels)
+    values = df[column][df[column] > 0]
+    log = bool(log and len(values) and values.max() / values.min() > 3)  # a log axis only for a wide range
     with warnings.catch_warnings():  # seaborn 0.13 still passes matplotlib's deprecated ``vert``
         warnings.filterwarnings("ignore", message=".*vert: bool", category=DeprecationWarning)
         sns.boxplot(data=df, x=x, y=column, order=labels, hue=x, hue_order=labels, palette=pal, showfliers=False,
