@@ -29,6 +29,7 @@ import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -137,9 +138,11 @@ class ParamGrad:
 
     terms: list[LowRank] = field(default_factory=list)
     dense: Tensor | None = None
+    segment: int = 0  # which forward of the batch these rows come from (see Recorder.capture)
 
     def select(self, index: Tensor | slice) -> ParamGrad:
-        return ParamGrad([t.select(index) for t in self.terms], None if self.dense is None else self.dense[index])
+        return ParamGrad([t.select(index) for t in self.terms], None if self.dense is None else self.dense[index],
+                         self.segment)
 
     def materialise(self) -> Tensor:
         """``(B, n)``: the dense part plus every low-rank term built out."""
@@ -327,80 +330,172 @@ class Recorder:
         self.unused = missing  # parameters with no module use (kept at zero gradient)
         self.fallback = [n for n, us in self.uses.items() if any(u.kind == "other" for u in us)]
         self._handles: list = []
-        self._pending: dict[str, int] = {}
-        self._parts: dict[str, list] = {}
+        self._pending: dict[tuple[str, int], int] = defaultdict(int)
+        self._parts: dict[tuple[str, int], list] = defaultdict(list)
         self._leaves: list[Tensor] = []
         self._reentrant = False
+        self.passive = False
 
     # -- sizes for the cost model -------------------------------------------------------------------
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {n: tuple(p.shape) for n, p in self.params.items()}
 
     # -- capture ----------------------------------------------------------------------------------------
-    def capture(self, layout: Layout, on_param: Callable[[str, ParamGrad], None]) -> Recorder:
+    def capture(self, layout: Layout | None, on_param: Callable[[str, ParamGrad], None], passive: bool = False,
+                on_forward: Callable[[int, dict], Layout] | None = None, temperature: float = 1.0) -> Recorder:
+        """Arm the hooks for a ``with`` block.
+
+        Active (default): the caller runs one forward and :meth:`backward`; parameters are frozen meanwhile.
+        Passive: someone else (a trainer) runs forwards and backwards with their own loss; every forward of the
+        model with gradients enabled opens a *segment*, ``on_forward(segment, kwargs)`` returns its
+        :class:`Layout`, and each parameter's per-sample gradient of that loss is emitted with ``pg.segment``.
+        Forwards with TRL's fused LM head (``fused_lm_head=True``: no logits, no call of the head module) get the
+        head's per-sample gradient rebuilt from the backbone's hidden states and ∂L/∂log p of each label token
+        (``temperature`` is the one the trainer divides logits by).
+        """
         self.layout = layout
+        self.temperature = temperature
         self.on_param = on_param
+        self.passive = passive
+        self.on_forward = on_forward
         return self
 
     def __enter__(self) -> Recorder:
         self._saved_flags = {id(p): p.requires_grad for p in self.model.parameters()}
-        fallback_ids = {id(self.params[n]) for n in self.fallback}
-        for p in self.model.parameters():
-            p.requires_grad_(id(p) in fallback_ids)
+        if not self.passive:
+            fallback_ids = {id(self.params[n]) for n in self.fallback}
+            for p in self.model.parameters():
+                p.requires_grad_(id(p) in fallback_ids)
+        elif self.fallback:
+            raise DynamicsError(f"parameters of unsupported modules in scope: {', '.join(self.fallback[:3])}; "
+                                "choose a narrower --params", field="params")
         self._parts = defaultdict(list)
+        self._pending = defaultdict(int)
         self._leaves = []
-        hooked: dict[int, nn.Module] = {}
-        for uses in self.uses.values():
-            for u in uses:
-                if u.kind != "other":
-                    hooked[id(u.module)] = u.module
+        self._segment = 0
+        self._layouts = {0: self.layout}
         self._module_uses: dict[int, list[tuple[str, Use]]] = defaultdict(list)
         for name, uses in self.uses.items():
             for u in uses:
                 if u.kind != "other":
                     self._module_uses[id(u.module)].append((name, u))
+        hooked = {id(u.module): u.module for us in self.uses.values() for u in us if u.kind != "other"}
         for module in hooked.values():
             self._handles.append(module.register_forward_hook(self._forward_hook))
+        if self.passive:
+            self._handles.append(self.model.register_forward_pre_hook(self._root_hook, with_kwargs=True))
+            head = _output_head(self.model)
+            self._head = head
+            self._head_uses = self._module_uses.get(id(head), []) if head is not None else []
+            self._fused: dict[int, dict] = {}
+            if self._head_uses:
+                hf = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+                self._handles.append(hf.base_model.register_forward_hook(self._backbone_hook))
+                self._handles.append(self.model.register_forward_hook(self._root_out_hook))
         return self
 
     def __exit__(self, *exc: object) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        for p in self.model.parameters():
-            p.requires_grad_(self._saved_flags[id(p)])
+        if not self.passive:
+            for p in self.model.parameters():
+                p.requires_grad_(self._saved_flags[id(p)])
         self._leaves = []
         self._parts = defaultdict(list)
+        self._pending = defaultdict(int)
+
+    def _root_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if torch.is_grad_enabled() and not self._reentrant:
+            self._segment += 1
+            self._layouts[self._segment] = self.on_forward(self._segment, kwargs)
+            if kwargs.get("fused_lm_head") and self._head_uses:
+                self._fused[self._segment] = {"labels": kwargs.get("labels"), "shift": kwargs.get("shift_labels")}
+                for name, _ in self._head_uses:
+                    self._pending[(name, self._segment)] += 1
+
+    def _backbone_hook(self, module: nn.Module, inputs: tuple, output: Any) -> None:
+        info = self._fused.get(self._segment)
+        if info is not None and "hidden" not in info and torch.is_grad_enabled():
+            info["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+    def _root_out_hook(self, module: nn.Module, inputs: tuple, output: Any) -> None:
+        seg = self._segment
+        if seg in self._fused and getattr(output, "log_probs", None) is not None and output.log_probs.requires_grad:
+            output.log_probs.register_hook(lambda g, seg=seg: self._fused_head_grad(seg, g))
+
+    def _fused_head_grad(self, seg: int, g: Tensor) -> None:
+        """The output head's per-sample gradient under TRL's fused head: with y = s·head(h) the head's output,
+        z = f(y)/τ the logits (f a soft-cap or the identity) and g_t = ∂L/∂log π(y_t), the head output's
+        gradient is δ_t = g_t (e_{y_t} − π_t) ∘ f'(y_t) s/τ."""
+        info = self._fused.pop(seg)
+        cfg = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
+        scale = getattr(cfg, "logit_scale", None) or 1.0
+        cap = getattr(cfg, "final_logit_softcapping", None)
+        with torch.no_grad():
+            h, labels = info["hidden"].detach(), info["shift"] if info["shift"] is not None else info["labels"]
+            if info["shift"] is None:
+                h, labels = h[:, :-1], labels[:, 1:]
+            g = g.detach()
+            mask = labels != -100
+            width = max(int(mask.sum(1).max()), 1)
+            pos = torch.zeros(mask.shape[0], width, dtype=torch.long, device=h.device)
+            valid = torch.zeros(mask.shape[0], width, dtype=torch.bool, device=h.device)
+            for b in range(mask.shape[0]):
+                idx = mask[b].nonzero().squeeze(1)
+                pos[b, : len(idx)], valid[b, : len(idx)] = idx, True
+            hs = h.gather(1, pos.unsqueeze(-1).expand(-1, -1, h.shape[-1])) * valid.unsqueeze(-1)
+            self._reentrant = True
+            try:
+                y = self._head(hs).float() * scale
+            finally:
+                self._reentrant = False
+            fprime = torch.ones_like(y) if not cap else 1 - torch.tanh(y / cap) ** 2
+            z = (cap * torch.tanh(y / cap) if cap else y) / self.temperature
+            delta = -torch.softmax(z, -1)
+            delta.scatter_add_(-1, labels.gather(1, pos).clamp(min=0).unsqueeze(-1), torch.ones_like(delta[..., :1]))
+            gz = (g.gather(1, pos) * valid).unsqueeze(-1).float()
+            d_head = self._cast((gz * delta * fprime * (scale / self.temperature)).to(hs.dtype))
+            hs = self._cast(hs)
+            for name, use in self._head_uses:
+                key = (name, seg)
+                part = d_head.sum(1) if use.kind == "bias" else LowRank(Factor(d_head), Factor(hs))
+                self._parts[key].append(part)
+                self._pending[key] -= 1
+                if self._pending[key] == 0:
+                    self._emit(key)
 
     def _forward_hook(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
-        if not isinstance(output, Tensor) or self._reentrant:
+        if not isinstance(output, Tensor) or self._reentrant or not torch.is_grad_enabled():
             return None
         replaced = None
         if not output.requires_grad:
+            if self.passive:
+                return None
             output = output.detach().requires_grad_(True)
             self._leaves.append(output)
             replaced = output
-        x = inputs[0]
+        x, seg = inputs[0], self._segment
         for name, _ in self._module_uses[id(module)]:
-            self._pending[name] = self._pending.get(name, 0) + 1
-        output.register_hook(lambda g, m=module, x=x: self._grad_hook(m, x, g))
+            self._pending[(name, seg)] += 1
+        output.register_hook(lambda g, m=module, x=x, seg=seg: self._grad_hook(m, x, g, seg))
         return replaced
 
-    def _grad_hook(self, module: nn.Module, x: Tensor, grad: Tensor) -> None:
+    def _grad_hook(self, module: nn.Module, x: Tensor, grad: Tensor, seg: int) -> None:
         with torch.no_grad():
             x, grad = x.detach(), grad.detach()  # stored factors must not keep the autograd graph alive
             for name, use in self._module_uses[id(module)]:
-                self._parts[name].append(self._per_sample(use, x, grad))
-                self._pending[name] -= 1
-                if self._pending[name] == 0:
-                    self._emit(name)
+                key = (name, seg)
+                self._parts[key].append(self._per_sample(use, x, grad, self._layouts[seg]))
+                self._pending[key] -= 1
+                if self._pending[key] == 0:
+                    self._emit(key)
 
     def _cast(self, t: Tensor) -> Tensor:
         return t if self.dtype is None else t.to(self.dtype)
 
-    def _per_sample(self, use: Use, x: Tensor, grad: Tensor) -> LowRank | Tensor:
+    def _per_sample(self, use: Use, x: Tensor, grad: Tensor, L: Layout) -> LowRank | Tensor:
         """One call's per-sample gradient for one use: a LowRank term or a dense ``(B, n)`` tensor."""
-        L = self.layout
         if use.kind in ("linear", "conv1d", "patch", "bias"):
             d_out = L.to_rows(self._cast(grad.reshape(grad.shape[0], -1) if use.kind == "patch" else grad))
             if use.kind == "bias":
@@ -417,10 +512,10 @@ class Recorder:
                 ids = ids.masked_fill(ids == pad, -1)
             return LowRank(Factor(ids=ids, width=use.module.num_embeddings), Factor(d))
         if use.kind == "elementwise":
-            return self._elementwise(use, x, grad)
+            return self._elementwise(use, x, grad, L)
         raise AssertionError(use.kind)
 
-    def _elementwise(self, use: Use, x: Tensor, grad: Tensor) -> Tensor:
+    def _elementwise(self, use: Use, x: Tensor, grad: Tensor, L: Layout) -> Tensor:
         """Σ_t δ_t ∘ ∂y_t/∂w for a module whose output channel k depends on w_k only (a norm's scale)."""
         from torch.func import functional_call, jvp
 
@@ -436,19 +531,24 @@ class Recorder:
             _, dy = jvp(f, (w,), (torch.ones_like(w),))
         finally:
             self._reentrant = False
-        d = self.layout.to_rows(self._cast(grad))
-        dy = self.layout.to_rows(self._cast(dy))
-        return (d * dy).sum(1)
+        return (L.to_rows(self._cast(grad)) * L.to_rows(self._cast(dy))).sum(1)
 
-    def _emit(self, name: str) -> None:
-        parts = self._parts.pop(name)
-        pg = ParamGrad()
+    def _emit(self, key: tuple[str, int]) -> None:
+        parts = self._parts.pop(key)
+        self._pending.pop(key, None)
+        pg = ParamGrad(segment=key[1])
         for part in parts:
             if isinstance(part, LowRank):
                 pg.terms.append(part)
             else:
                 pg.dense = part if pg.dense is None else pg.dense + part
-        self.on_param(name, pg)
+        self.on_param(key[0], pg)
+
+    def flush(self) -> None:
+        """Emit what is still held: uses whose output got no gradient, or whose other calls never ran."""
+        for key in list(self._parts):
+            self._emit(key)
+        self._pending.clear()
 
     # -- backward ---------------------------------------------------------------------------------------
     def backward(self, per_sample: Tensor) -> None:
@@ -460,17 +560,30 @@ class Recorder:
             for i, n in enumerate(self.fallback):
                 dense = torch.stack([
                     (r[i] if r[i] is not None else torch.zeros_like(fb[i])).reshape(-1) for r in rows])
-                self._parts[n].append(self._cast(dense))
+                self._parts[(n, 0)].append(self._cast(dense))
         leaves = [t for t in self._leaves if t.requires_grad]
         if leaves:
             torch.autograd.grad(per_sample.sum(), leaves, allow_unused=True)
-        for name in list(self._parts):  # fallback parts, and uses whose output got no gradient
-            self._emit(name)
-        self._pending.clear()
+        self.flush()
         B = self.layout.batch
         for name in self.params:
             if name in self.unused:
                 self.on_param(name, ParamGrad(dense=torch.zeros(B, self.params[name].numel())))
+
+
+def apply_delta(pg: ParamGrad, delta: Tensor) -> Tensor:
+    """⟨G_b, Δ⟩ for every sample b, ``(B,)``: the first-order change of each sample's objective when the
+    parameter moves by Δ (shape of the parameter), without materialising G_b:
+    ⟨Σ_t u_t v_tᵀ, Δ⟩ = Σ_t u_tᵀ Δ v_t."""
+    total = None if pg.dense is None else pg.dense @ delta.reshape(-1).to(pg.dense.dtype)
+    for t in pg.terms:
+        D = delta.reshape(delta.shape[0], -1)
+        rows = t.out.dense @ D.to(t.out.dense.dtype) if t.out.dense is not None else D[t.out.ids.clamp(min=0)] * (
+            t.out.ids >= 0).unsqueeze(-1)
+        inp = t.inp.to_dense(rows.dtype)
+        v = (rows * inp).sum((1, 2))
+        total = v if total is None else total + v
+    return total
 
 
 # --------------------------------------------------------------------------------------------- cost model

@@ -54,6 +54,7 @@ from dynamics.gradients import (
     ParamGrad,
     Projector,
     Recorder,
+    apply_delta,
     inner,
     plan_forms,
     self_inner,
@@ -260,6 +261,9 @@ class ProbeStore:
     dense: dict[str, Tensor] = field(default_factory=dict)
     norms_sq: Tensor | None = None
 
+    def dense_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.dense.values())
+
     def materialise(self, name: str) -> Tensor:
         parts = self.lowrank[name]
         first = parts[0][1].materialise()
@@ -280,9 +284,10 @@ def _dims(recorder: Recorder, name: str) -> tuple[int, int] | None:
 
 
 def _probe_pass(engine: _GradientPass, probes: Batches, plan: FormPlan, weights: list[Tensor] | None,
-                keep_lowrank: bool = True) -> ProbeStore:
+                keep_lowrank: bool = True, logp_out: Tensor | None = None) -> ProbeStore:
     """Run the probes once and keep their gradients: materialised where planned dense, and (if
-    ``keep_lowrank``) low-rank everywhere so each training batch can still pick the cheaper contraction."""
+    ``keep_lowrank``) low-rank everywhere so each training batch can still pick the cheaper contraction.
+    ``logp_out`` receives each probe's objective value (its log-likelihood)."""
     store = ProbeStore(n=len(probes.encoded))
     norms = torch.zeros(store.n, dtype=torch.float64)
     for b, (idx, items) in enumerate(probes):
@@ -298,7 +303,9 @@ def _probe_pass(engine: _GradientPass, probes: Batches, plan: FormPlan, weights:
             if not plan.dense(name) or (keep_lowrank and pg.terms):
                 store.lowrank.setdefault(name, []).append((index, pg))
 
-        engine.run(items, on_param, None if weights is None else weights[b])
+        values = engine.run(items, on_param, None if weights is None else weights[b])
+        if logp_out is not None:
+            logp_out[index] = values.double().cpu()
     store.norms_sq = norms
     return store
 
@@ -308,39 +315,56 @@ def _train_pass(engine: _GradientPass, train: Batches, store: ProbeStore, budget
     """Kernel ``(N_train, P)`` and train norms² against a probe store, one forward+backward per batch."""
     K = torch.zeros(len(train.encoded), store.n, dtype=torch.float64)
     norms = torch.zeros(len(train.encoded), dtype=torch.float64)
-    used = [sum(t.numel() * t.element_size() for t in store.dense.values())]
+    used = [store.dense_bytes()]
     for idx, items in train:
         index = torch.tensor(idx)
-        rows = torch.zeros(len(idx), store.n, dtype=torch.float64)
-        nrm = torch.zeros(len(idx), dtype=torch.float64)
 
-        def on_param(name: str, pg: ParamGrad) -> None:
-            nonlocal rows, nrm
-            if _use_dense(engine, store, name, pg, budget, used):
-                g = pg.materialise()
-                rows += (g @ store.dense[name].T).double().cpu()
-                nrm += (g * g).sum(1).double().cpu()
-                return
-            for pidx, ppg in store.lowrank[name]:
-                rows[:, pidx] += inner(pg, ppg).double().cpu()
-            nrm += self_inner(pg).double().cpu()
+        def on_param(name: str, pg: ParamGrad, index: Tensor = index) -> None:
+            rows, sq = contract(engine.recorder, store, name, pg, budget, used)
+            K[index] += rows
+            norms[index] += sq
 
         engine.run(items, on_param)
-        K[index] = rows
-        norms[index] = nrm
         if progress:
             progress(len(idx))
     return K, norms
 
 
-def _use_dense(engine: _GradientPass, store: ProbeStore, name: str, pg: ParamGrad, budget: int,
+def contract(recorder: Recorder, store: ProbeStore, name: str, pg: ParamGrad, budget: int,
+             used: list[int]) -> tuple[Tensor, Tensor]:
+    """One parameter's share of ⟨g(u), g(o)⟩ for a batch against every stored probe, ``(B, P)``, and of
+    ‖g(u)‖², ``(B,)`` (float64, on the CPU), by the cheaper contraction for this batch."""
+    if _use_dense(recorder, store, name, pg, budget, used):
+        g = pg.materialise()
+        return (g @ store.dense[name].T).double().cpu(), (g * g).sum(1).double().cpu()
+    rows = None
+    for pidx, ppg in store.lowrank[name]:
+        k = inner(pg, ppg).double().cpu()
+        if rows is None:
+            rows = torch.zeros(k.shape[0], store.n, dtype=torch.float64)
+        rows[:, pidx] += k
+    return rows, self_inner(pg).double().cpu()
+
+
+def predicted_change(store: ProbeStore, name: str, delta: Tensor) -> Tensor:
+    """⟨g(o), Δθ⟩ for every stored probe, ``(P,)``: the first-order change of each probe's objective when the
+    parameter ``name`` moves by ``delta`` (any optimizer's update)."""
+    if name in store.dense:
+        return (store.dense[name] @ delta.reshape(-1).to(store.dense[name].dtype)).double().cpu()
+    out = torch.zeros(store.n, dtype=torch.float64)
+    for pidx, ppg in store.lowrank[name]:
+        out[pidx] += apply_delta(ppg, delta).double().cpu()
+    return out
+
+
+def _use_dense(recorder: Recorder, store: ProbeStore, name: str, pg: ParamGrad, budget: int,
                used: list[int]) -> bool:
     """Per batch and parameter: contract via materialised gradients, or via the ghost inner product?"""
     if name not in store.lowrank:
         return True
     if pg.dense is not None and not pg.terms:
         return name in store.dense
-    dims = _dims(engine.recorder, name)
+    dims = _dims(recorder, name)
     if dims is None:
         return False
     d_out, d_in = dims

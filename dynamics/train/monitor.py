@@ -1,0 +1,267 @@
+"""Live interference monitor: forecast forgetting of prior knowledge while training.
+
+At the current weights the probes' per-sample gradients g(o) = ∇log π(y_o|x_o) are stored in compact form (the
+influence engine's probe store; refreshed every ``refresh`` steps). During each training step the monitor listens
+to the trainer's own forward and backward (no second pass over training data): for every training sample u of
+the step it reads the per-sample gradient of the trainer's loss, ∇L_u, and contracts it with every probe:
+
+    push(o, u) = ⟨g(o), −∇L_u⟩
+
+the first-order change of the probe's log-likelihood per unit learning rate that sample u asks for. For SFT
+L = Σ_tokens NLL / N (N tokens in the optimizer step), so push = K(o, u)/N with K the kernel of
+:mod:`dynamics.influence`, and the monitor reports K itself. For GRPO the per-sample gradient is the
+advantage-weighted policy-gradient term, so push has the sign of the sample's advantage times K.
+
+After the optimizer step the parameters moved by Δθ (SGD, Adam with its moments, clipping: whatever ran), and
+
+    predicted Δ log π(y_o|x_o) = ⟨g(o), Δθ⟩             (first order, exact for the step that was taken)
+
+is computed from the same compact probe store without materialising g(o). Rows go to ``RUN/monitor.jsonl``:
+``step, predicted_dlogp, mean_abs_kernel, mean_cosine, top_harmful`` (+ per-probe predictions, and at refresh
+steps the measured probe log-likelihood, so predictions can be checked against measurements).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from dynamics.errors import DynamicsError
+from dynamics.gradients import Layout, ParamGrad
+from dynamics.influence import (
+    Batches,
+    InfluenceConfig,
+    ProbeStore,
+    _GradientPass,
+    _memory_budget,
+    _probe_pass,
+    contract,
+    encode_probes,
+    plan_forms,
+    predicted_change,
+)
+from dynamics.models import LoadedModel
+from dynamics.store import append_jsonl
+
+
+@dataclass
+class MonitorConfig:
+    """``dynamics train ... --monitor probes.jsonl``."""
+
+    probes: str
+    refresh: int = 10  # recompute the probes' gradients (and measure their log p) every N optimizer steps
+    params: str = "linear"
+    target: str = "base"
+    tokens: str = "all"
+    top: int = 3
+    batch_size: int = 8
+    max_memory_gb: float | None = None
+
+    def influence_config(self) -> InfluenceConfig:
+        cfg = InfluenceConfig(params=self.params, target=self.target, tokens=self.tokens,
+                              batch_size=self.batch_size, max_memory_gb=self.max_memory_gb)
+        cfg.validate()
+        if self.refresh < 1:
+            raise DynamicsError("--monitor-refresh must be >= 1", field="monitor_refresh")
+        return cfg
+
+
+def _row_key(ids: torch.Tensor) -> str:
+    return hashlib.sha1(ids.cpu().numpy().tobytes()).hexdigest()
+
+
+class InterferenceMonitor(TrainerCallback):
+    """A ``TrainerCallback`` (attach it with :meth:`attach` so it sees the trainer's batches)."""
+
+    def __init__(self, config: MonitorConfig, lm: LoadedModel, run_dir: str | Path,
+                 records: list[dict] | None = None) -> None:
+        from dynamics.data import read_records
+
+        self.config = config
+        self.icfg = config.influence_config()
+        self.lm = lm
+        self.path = Path(run_dir) / "monitor.jsonl"
+        self.probes = read_records(config.probes)
+        self.probe_ids = [p["id"] for p in self.probes]
+        self.ids_by_row: dict[str, str] = {}
+        if records is not None:  # SFT: a training row is known by its token ids
+            from dynamics.data import encode_record
+
+            for r in records:
+                enc = encode_record(lm.processing_class, r)
+                self.ids_by_row[_row_key(torch.tensor(enc.input_ids))] = r["id"]
+        self.trainer: Any = None
+        self.store: ProbeStore | None = None
+        self._capture = None
+
+    # -- wiring ---------------------------------------------------------------------------------------------
+    def attach(self, trainer: Any) -> InterferenceMonitor:
+        """Wrap the trainer's ``compute_loss`` (to learn each micro-batch's loss scale and, for GRPO, the
+        rollout ids) and register as its callback."""
+        self.trainer = trainer
+        original = trainer.compute_loss
+
+        def compute_loss(model: Any, inputs: dict, *args: Any, **kwargs: Any) -> Any:
+            self._micro = {"inputs": inputs, "num_items": kwargs.get("num_items_in_batch"), "offset": 0}
+            return original(model, inputs, *args, **kwargs)
+
+        trainer.compute_loss = compute_loss
+        if hasattr(trainer, "_generate_and_score_completions"):
+            generate = trainer._generate_and_score_completions
+
+            def generate_and_log(inputs: list[dict]) -> dict:
+                out = generate(inputs)
+                step = trainer.state.global_step + 1
+                for j, x in enumerate(inputs):
+                    row = torch.cat([out["prompt_ids"][j][out["prompt_mask"][j].bool()],
+                                     out["completion_ids"][j][out["completion_mask"][j].bool()]])
+                    self.ids_by_row[_row_key(row)] = f"{x['id']}:s{step}:{j}"
+                return out
+
+            trainer._generate_and_score_completions = generate_and_log
+        trainer.add_callback(self)
+        return self
+
+    # -- probe store -------------------------------------------------------------------------------------------
+    def _refresh(self, step: int) -> dict:
+        """Recompute the probes' gradients at the current weights; return their measured log p."""
+        model = self.trainer.model if self.trainer is not None else self.lm.model
+        lm = LoadedModel(model=model, tokenizer=self.lm.tokenizer, kind=self.lm.kind, name=self.lm.name,
+                         processor=self.lm.processor)
+        self.engine = _GradientPass(lm, self.icfg)
+        was_training = model.training
+        model.eval()
+        try:
+            enc = encode_probes(lm, self.probes, self.icfg)
+            batches = Batches(enc, self.icfg.batch_size)
+            self.budget = _memory_budget(self.icfg)
+            plan = plan_forms(self.engine.recorder, len(enc), batches.mean_len(), batches.mean_len(),
+                              (batches.mean_len(True), batches.mean_len(True)), self.budget)
+            logp = torch.zeros(len(enc), dtype=torch.float64)
+            self.store = _probe_pass(self.engine, batches, plan, None, logp_out=logp)
+        finally:
+            model.train(was_training)
+        self.used = [self.store.dense_bytes()]
+        return {"measured_logp": float(logp.mean()), "measured_logp_per_probe": logp.tolist(),
+                "refreshed": True}
+
+    # -- callback events -----------------------------------------------------------------------------------
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.trainer is None:
+            raise DynamicsError("the monitor must be attached to its trainer (InterferenceMonitor.attach)")
+        self._pending_measure = self._refresh(state.global_step)
+        self._pending_measure["step"] = state.global_step
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        rec = self.engine.recorder
+        self._before = {n: p.detach().clone() for n, p in rec.params.items()}
+        self._rows: list[str] = []
+        self._push: list[torch.Tensor] = []
+        self._norms: list[torch.Tensor] = []
+        self._scales: list[float | None] = []
+        self._advantages: list[float] = []
+        self._segments: dict[int, tuple[int, int]] = {}
+        self._t0 = time.perf_counter()
+        self._capture = rec.capture(None, self._on_param, passive=True, on_forward=self._on_forward,
+                                    temperature=float(getattr(self.trainer, "temperature", 1.0) or 1.0))
+        self._capture.__enter__()
+
+    def _on_forward(self, segment: int, kwargs: dict) -> Layout:
+        ids = kwargs.get("input_ids")
+        mask = kwargs.get("attention_mask")
+        micro = getattr(self, "_micro", {})
+        start = len(self._rows)
+        for b in range(ids.shape[0]):
+            row = ids[b][mask[b].bool()] if mask is not None else ids[b]
+            self._rows.append(self.ids_by_row.get(_row_key(row), f"row{start + b}"))
+        self._segments[segment] = (start, ids.shape[0])
+        n = ids.shape[0]
+        self._push.append(torch.zeros(n, self.store.n, dtype=torch.float64))
+        self._norms.append(torch.zeros(n, dtype=torch.float64))
+        scale = None
+        if "advantages" not in micro.get("inputs", {}):  # SFT: token-mean NLL over the optimizer step
+            labels = kwargs.get("labels")
+            n_items = micro.get("num_items")
+            if n_items is None and labels is not None:
+                n_items = int((labels[:, 1:] != -100).sum()) * self.trainer.args.gradient_accumulation_steps
+            scale = 1.0 / float(n_items) if n_items else None
+        self._scales.extend([scale] * n)
+        adv = micro.get("inputs", {}).get("advantages")
+        if adv is not None:  # GRPO: this forward's rows are the next n of the micro-batch
+            off = micro["offset"]
+            self._advantages.extend(adv[off:off + n].reshape(-1).tolist())
+            micro["offset"] = off + n
+        grid = kwargs.get("image_grid_thw")
+        return Layout(n, None if grid is None else _patch_counts(ids, grid, self.lm))
+
+    def _on_param(self, name: str, pg: ParamGrad) -> None:
+        start, n = self._segments[pg.segment]
+        rows, sq = contract(self.engine.recorder, self.store, name, pg, self.budget, self.used)
+        seg = list(self._segments).index(pg.segment)
+        self._push[seg] -= rows  # the captured gradient is ∇L_u; the push is along −∇L_u
+        self._norms[seg] += sq
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._capture is None:
+            return
+        self._capture.flush()
+        self._capture.__exit__(None, None, None)
+        self._capture = None
+        overhead = time.perf_counter() - self._t0
+        rec = self.engine.recorder
+        with torch.no_grad():
+            predicted = sum(predicted_change(self.store, n, p.detach() - self._before[n])
+                            for n, p in rec.params.items())
+        self._before = {}
+        row = self._row(state.global_step, predicted)
+        row["seconds"] = round(overhead, 3)
+        if state.global_step % self.config.refresh == 0:
+            row.update(self._refresh(state.global_step))
+        if state.is_world_process_zero:
+            if getattr(self, "_pending_measure", None):  # the base measurement, before the first step
+                append_jsonl(self.path, self._pending_measure)
+                self._pending_measure = None
+            append_jsonl(self.path, row)
+
+    def _row(self, step: int, predicted: torch.Tensor) -> dict:
+        push = torch.cat(self._push) if self._push else torch.zeros(0, self.store.n, dtype=torch.float64)
+        norms = torch.cat(self._norms).clamp(min=0).sqrt() if self._norms else torch.zeros(0)
+        probe_norms = self.store.norms_sq.clamp(min=0).sqrt()
+        cos = push / (norms[:, None] * probe_norms[None, :]).clamp(min=1e-300)
+        scales = torch.tensor([s if s is not None else float("nan") for s in self._scales], dtype=torch.float64)
+        kernel = push / scales[:, None]
+        mean_push = push.mean(1)
+        order = torch.argsort(mean_push)[: self.config.top].tolist()
+        return {
+            "step": step,
+            "predicted_dlogp": float(predicted.mean()),
+            "predicted_dlogp_per_probe": predicted.tolist(),
+            "mean_abs_kernel": float(kernel.abs().mean()) if torch.isfinite(scales).all() else None,
+            "mean_abs_push": float(push.abs().mean()),
+            "mean_cosine": float(cos.mean()),
+            "top_harmful": [{"id": self._rows[i], "mean_push": float(mean_push[i])} for i in order],
+            "samples": self._rows,
+            "kernel": kernel.tolist() if torch.isfinite(scales).all() else None,
+            "push_mean_per_sample": mean_push.tolist(),
+            "advantages": list(self._advantages) or None,
+        }
+
+
+def _patch_counts(ids: torch.Tensor, grid: torch.Tensor, lm: LoadedModel) -> list[int]:
+    """Per-sample vision patch counts from the image-pad tokens each row holds."""
+    image_token = lm.model.config.image_token_id
+    merge = lm.processor.image_processor.merge_size ** 2 if lm.processor is not None else 4
+    return [int((row == image_token).sum()) * merge for row in ids]
+
+
+def monitor_from_run(run: str | Path) -> list[dict]:
+    """The rows a run's monitor wrote."""
+    from dynamics.store import read_jsonl_rows
+
+    return read_jsonl_rows(Path(run) / "monitor.jsonl")
