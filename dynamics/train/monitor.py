@@ -90,6 +90,7 @@ class InterferenceMonitor(TrainerCallback):
         self.probes = read_records(config.probes)
         self.probe_ids = [p["id"] for p in self.probes]
         self.ids_by_row: dict[str, str] = {}
+        self.tokens_by_id: dict[str, tuple[list[int], int]] = {}  # GRPO rollouts: token ids, prompt length
         if records is not None:  # SFT: a training row is known by its token ids
             from dynamics.data import encode_record
 
@@ -119,9 +120,11 @@ class InterferenceMonitor(TrainerCallback):
                 out = generate(inputs)
                 step = trainer.state.global_step + 1
                 for j, x in enumerate(inputs):
-                    row = torch.cat([out["prompt_ids"][j][out["prompt_mask"][j].bool()],
-                                     out["completion_ids"][j][out["completion_mask"][j].bool()]])
-                    self.ids_by_row[_row_key(row)] = f"{x['id']}:s{step}:{j}"
+                    prompt = out["prompt_ids"][j][out["prompt_mask"][j].bool()]
+                    row = torch.cat([prompt, out["completion_ids"][j][out["completion_mask"][j].bool()]])
+                    rid = f"{x['id']}:s{step}:{j}"
+                    self.ids_by_row[_row_key(row)] = rid
+                    self.tokens_by_id[rid] = (row.tolist(), len(prompt))
                 return out
 
             trainer._generate_and_score_completions = generate_and_log

@@ -1,0 +1,126 @@
+"""Live interference monitor: its kernels equal dynamics influence, its predictions follow measured changes,
+and for GRPO the push of each rollout follows its advantage."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from dynamics.influence import InfluenceConfig, compute
+from dynamics.models import load_model
+from dynamics.store import read_jsonl_rows
+from dynamics.train.monitor import InterferenceMonitor, MonitorConfig
+from dynamics.train.run import run_trainer
+from dynamics.train.sft import SFTRunConfig, build_sft_trainer
+
+TRAIN = [{"id": f"t{i}", "prompt": [{"role": "user", "content": "abc " * (i + 1)}],
+          "completion": [{"role": "assistant", "content": "xy" * (i % 3 + 1)}]} for i in range(8)]
+PROBES = [{"id": f"p{i}", "prompt": "q" * (2 * i + 1), "completion": "answer"[: i + 2]} for i in range(3)]
+
+
+def _sft_with_monitor(tmp_path, model, params, steps, lr, records=TRAIN, probes=PROBES, batch=4):
+    (tmp_path / "probes.jsonl").write_text("".join(json.dumps(p) + "\n" for p in probes))
+    cfg = SFTRunConfig(output_dir=str(tmp_path / "run"), model=model, max_steps=steps,
+                       per_device_train_batch_size=batch, learning_rate=lr, optim="sgd", lr_scheduler_type="constant",
+                       seed=0, max_grad_norm=0.0)
+    trainer, resume = build_sft_trainer(cfg, records=records)
+    lm = load_model(model)
+    mon = InterferenceMonitor(MonitorConfig(probes=str(tmp_path / "probes.jsonl"), refresh=1, target="gold",
+                                            params=params), lm, tmp_path / "run", records=records)
+    mon.attach(trainer)
+    run_trainer(trainer, cfg, resume, trainer.run_info)
+    return read_jsonl_rows(tmp_path / "run" / "monitor.jsonl")
+
+
+def test_monitor_kernels_equal_influence(tmp_path):
+    rows = _sft_with_monitor(tmp_path, "tiny-llama", "linear", steps=2, lr=1e-3)
+    assert rows[0]["step"] == 0 and "measured_logp" in rows[0]
+    first = rows[1]  # step 1 ran on the base weights
+    by_id = {r["id"]: r for r in TRAIN}
+    df = compute(load_model("tiny-llama"), [by_id[i] for i in first["samples"]], PROBES,
+                 InfluenceConfig(target="gold"))
+    expected = df["kernel"].to_numpy().reshape(len(first["samples"]), len(PROBES))
+    np.testing.assert_allclose(np.array(first["kernel"]), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    assert first["top_harmful"] and {"id", "mean_push"} <= set(first["top_harmful"][0])
+
+
+def test_predicted_change_follows_measured_on_default_model(tmp_path):
+    """Each step's predicted per-probe change ⟨g(o), Δθ⟩ against the change measured after the step."""
+    probes = [{"id": "fr", "prompt": "What is the capital of France?", "completion": "Paris."},
+              {"id": "add", "prompt": "What is 2 + 3?", "completion": "5"},
+              {"id": "sky", "prompt": "What colour is the sky?", "completion": "Blue."},
+              {"id": "cat", "prompt": "What animal says meow?", "completion": "A cat."}]
+    train = [{"id": f"j{i}", "prompt": f"Order the pieces {'BAC'[i % 3]} {'CAB'[i % 3]} {'ABC'[i % 3]}.",
+              "completion": ["A B C", "B C A", "C A B"][i % 3]} for i in range(6)]
+    rows = _sft_with_monitor(tmp_path, "default", "all", steps=3, lr=1e-5, records=train, probes=probes, batch=2)
+    pred, meas = [], []
+    for before, after in zip(rows, rows[1:], strict=False):
+        pred += after["predicted_dlogp_per_probe"]
+        meas += list(np.array(after["measured_logp_per_probe"]) - np.array(before["measured_logp_per_probe"]))
+    assert len(pred) == 12
+    assert np.corrcoef(pred, meas)[0, 1] > 0.9
+
+
+@pytest.fixture(scope="module")
+def counting_task():
+    """A task whose reward varies between samples of a random model (so GRPO advantages are non-zero)."""
+    from dataclasses import dataclass, field
+
+    def reward(completions, **kwargs):
+        from dynamics.data import text_of
+
+        return [float(text_of(c).count("a")) for c in completions]
+
+    @dataclass
+    class Counting:
+        name: str = "count-a"
+        max_new_tokens: int = 8
+        reward_funcs: list = field(default_factory=lambda: [reward])
+
+        def build(self, n, seed):
+            return [{"id": f"q{i}", "prompt": [{"role": "user", "content": f"say a {i}"}], "answer": "a"}
+                    for i in range(n)]
+
+        def score(self, text, answer):
+            r = float(text.count("a"))
+            return {"accuracy": float(r > 0), "hit": r, "format": 0.0, "total": r}
+
+    return Counting()
+
+
+def test_grpo_push_follows_advantage(tmp_path, counting_task):
+    from dynamics.train.rft import RFTRunConfig, build_rft_trainer
+
+    (tmp_path / "probes.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PROBES))
+    cfg = RFTRunConfig(output_dir=str(tmp_path / "run"), model="tiny-llama", max_steps=2, learning_rate=1e-4,
+                       per_device_train_batch_size=8, num_generations=8, max_completion_length=8, beta=0.0,
+                       n_prompts=4, temperature=1.0, seed=0)
+    trainer, resume = build_rft_trainer(cfg, task=counting_task)
+    mon = InterferenceMonitor(MonitorConfig(probes=str(tmp_path / "probes.jsonl"), refresh=1, target="gold"),
+                              load_model("tiny-llama"), tmp_path / "run")
+    mon.attach(trainer)
+    run_trainer(trainer, cfg, resume, trainer.run_info)
+    rows = [r for r in read_jsonl_rows(tmp_path / "run" / "monitor.jsonl") if r.get("samples")]
+    assert all(r["mean_abs_kernel"] is None for r in rows)  # GRPO: pushes, not plain kernels
+    first = rows[0]  # step 1: the policy gradient at the base weights, ratio 1, no KL
+    assert all(":s1:" in s for s in first["samples"])  # rows are known by their rollout ids
+    # the same rollouts' plain kernels at the base weights, from their generated token ids
+    from dynamics.data import Encoded
+    from dynamics.influence import encode_probes, exact_kernel
+
+    base = load_model("tiny-llama")
+    cfg_i = InfluenceConfig(target="gold")
+    enc = [Encoded(ids, [0] * n + [1] * (len(ids) - n)) for ids, n in (mon.tokens_by_id[s] for s in first["samples"])]
+    K, _, _ = exact_kernel(base, enc, encode_probes(base, PROBES, cfg_i), cfg_i)
+    adv = np.array(first["advantages"])
+    push = np.array(first["push_mean_per_sample"])
+    k_mean = K.numpy().mean(1)
+    moving = np.abs(adv) > 0.1
+    assert moving.sum() >= 2
+    # push(u) = c * A_u * K(u) with one positive c for the step: its sign follows the advantage (times K)
+    ratio = push[moving] / (adv[moving] * k_mean[moving])
+    assert (ratio > 0).all()
+    np.testing.assert_allclose(ratio, ratio.mean(), rtol=1e-3)
+    assert np.allclose(push[~moving], 0, atol=1e-6 * np.abs(push).max())
