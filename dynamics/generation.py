@@ -1,0 +1,84 @@
+"""Batched generation of completions from records' prompts (images included for VLMs).
+
+Prompts are encoded by the project's convention (:func:`dynamics.data.encode` with no completion, i.e. the
+chat template with the generation prompt), sorted by length, left-padded into batches and decoded up to the
+end-of-turn token. ``temperature == 0`` is greedy decoding; otherwise each prompt gets ``num_samples``
+independent samples from ``softmax(logits / temperature)`` restricted to the top-``top_p`` nucleus, seeded by
+``seed``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from dynamics.data import Encoded, encode_record
+from dynamics.models import LoadedModel
+
+
+def left_pad(items: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-pad prompts into ``input_ids`` / ``attention_mask`` (+ concatenated image tensors)."""
+    width = max(len(e.input_ids) for e in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(items), width), dtype=torch.long)
+    for i, e in enumerate(items):
+        n = len(e.input_ids)
+        ids[i, width - n:] = torch.tensor(e.input_ids)
+        attn[i, width - n:] = 1
+    batch = {"input_ids": ids, "attention_mask": attn}
+    pix = [e.pixel_values for e in items if e.pixel_values is not None]
+    if pix:
+        batch["pixel_values"] = torch.cat(pix)
+        batch["image_grid_thw"] = torch.cat([e.image_grid_thw for e in items if e.image_grid_thw is not None])
+    return batch
+
+
+@torch.no_grad()
+def generate(
+    lm: LoadedModel,
+    records: Sequence[dict],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    num_samples: int = 1,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[list[str]]:
+    """Completion texts for each record's prompt: ``out[i]`` holds ``num_samples`` strings (1 when greedy)."""
+    greedy = temperature == 0
+    n_samples = 1 if greedy else num_samples
+    tok = lm.tokenizer
+    encoded = [encode_record(lm.processing_class, {**r, "completion": None}) for r in records]
+    # every (record, sample) pair is one sequence; long prompts first so padding stays small within a batch
+    jobs = sorted(((i, s) for i in range(len(records)) for s in range(n_samples)),
+                  key=lambda j: (-len(encoded[j[0]].input_ids), j))
+    out: list[list[str]] = [[""] * n_samples for _ in records]
+    device = next(lm.model.parameters()).device
+    gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=not greedy, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id)
+    if not greedy:
+        gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+    else:
+        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+    was_training = lm.model.training
+    lm.model.eval()
+    bar = tqdm(total=len(jobs), desc="generate", unit="seq", disable=not progress, leave=False)
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for start in range(0, len(jobs), batch_size):
+                chunk = jobs[start:start + batch_size]
+                batch = {k: v.to(device) for k, v in left_pad([encoded[i] for i, _ in chunk], tok.pad_token_id).items()}
+                seqs = lm.model.generate(**batch, **gen_kwargs)
+                texts = tok.batch_decode(seqs[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+                for (i, s), text in zip(chunk, texts, strict=True):
+                    out[i][s] = text.strip()
+                bar.update(len(chunk))
+    finally:
+        bar.close()
+        lm.model.train(was_training)
+    return out
