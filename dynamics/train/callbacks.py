@@ -116,27 +116,19 @@ def eval_callback(config: Any, lm: LoadedModel, run_dir: str | Path, task: str |
                   task_args: str = "") -> EvalCallback | None:
     """The in-run evaluation a run config asks for (``eval_every`` > 0), or None.
 
-    Task prompts come from ``eval_data`` or are built by ``eval_task`` (default: the training task) with
-    ``eval_n`` prompts and ``eval_seed``; probes from ``probes``.
+    Inputs are made by :func:`dynamics.evaluate.load_inputs`: task prompts from ``eval_data`` or built by
+    ``eval_task`` (default: the training task, with its ``task_args``) with ``eval_n`` prompts and
+    ``eval_seed``; probes from ``probes`` (a records file or a built-in suite; default: the suite for the
+    model's kind). Images are drawn into the run folder. Only the main process builds and evaluates them.
     """
     if config.eval_every <= 0:
         return None
-    from dynamics.data import read_records
-    from dynamics.errors import DynamicsError
-    from dynamics.evaluate import EvalConfig
+    from dynamics.evaluate import EvalConfig, load_inputs
 
-    task_records: list[dict] = []
-    if config.eval_data:
-        task_records = read_records(config.eval_data)
-    elif config.eval_task or task:
-        from dynamics.tasks import get_task, parse_task_args
-
-        name = config.eval_task or task
-        args = config.eval_task_args if config.eval_task else (config.eval_task_args or task_args)
-        task_records = get_task(name, **parse_task_args(args)).build(config.eval_n, config.eval_seed)
-    probes = read_records(config.probes) if config.probes else []
-    if not task_records and not probes:
-        raise DynamicsError("eval_every needs probes (--probes) or task prompts (--eval-task / --eval-data)",
-                            field="eval_every")
-    return EvalCallback(lm, task_records, probes, EvalConfig(batch_size=config.eval_batch_size), config.eval_every,
-                        run_dir)
+    name = config.eval_task or task
+    args = config.eval_task_args if config.eval_task else (config.eval_task_args or task_args)
+    ec = EvalConfig(task=None if config.eval_data else name, task_args=args or "", task_data=config.eval_data,
+                    n_task=config.eval_n, task_seed=config.eval_seed, probes=config.probes,
+                    batch_size=config.eval_batch_size, progress=False)
+    task_records, probes = load_inputs(ec, run_dir, kind=lm.kind) if config.should_save else ([], [])
+    return EvalCallback(lm, task_records, probes, ec, config.eval_every, run_dir)

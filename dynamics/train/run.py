@@ -60,8 +60,9 @@ class RunOptions:
     eval_task_args: str = ""
     eval_data: str | None = field(default=None, metadata={"help": "Task evaluation records (instead of building)."})
     eval_n: int = field(default=50, metadata={"help": "Number of task prompts built for evaluation."})
-    eval_seed: int = field(default=10_000, metadata={"help": "Seed of the built evaluation prompts."})
-    probes: str | None = field(default=None, metadata={"help": "Probe records evaluated during training."})
+    eval_seed: int = field(default=1234, metadata={"help": "Seed of the built evaluation prompts (unseen ones)."})
+    probes: str | None = field(default=None, metadata={"help": "Probes evaluated during training: a records "
+                                                                "file or a built-in suite (default: text / visual)."})
     eval_batch_size: int = 16
     resume: bool = field(default=False, metadata={"help": "Continue the run in output_dir from its newest checkpoint."})
     overwrite: bool = field(default=False, metadata={"help": "Delete an existing run in output_dir first."})
