@@ -61,7 +61,7 @@ def standard_forward_backward(lm, records: list[dict], batch_size: int) -> float
     enc = [encode_record(lm.tokenizer, r) for r in records]
     t0 = time.perf_counter()
     for i in range(0, len(enc), batch_size):
-        b = collate(enc[i:i + batch_size], lm.tokenizer.pad_token_id)
+        b = {k: v.to(model.device) for k, v in collate(enc[i:i + batch_size], lm.tokenizer.pad_token_id).items()}
         labels = b["input_ids"].masked_fill(b["completion_mask"] == 0, -100)
         out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=labels)
         out.loss.backward()
@@ -76,7 +76,7 @@ def naive_loop(lm, train: list[dict], probes: list[dict], scope: str = "linear")
     params = list(scope_parameters(model, scope).values())
 
     def flat_grad(rec: dict) -> torch.Tensor:
-        b = collate([encode_record(lm.tokenizer, rec)], lm.tokenizer.pad_token_id)
+        b = {k: v.to(model.device) for k, v in collate([encode_record(lm.tokenizer, rec)], lm.tokenizer.pad_token_id).items()}
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, b["input_ids"][:, 1:, None])[..., 0]
         obj = (logp * b["completion_mask"][:, 1:]).sum()
