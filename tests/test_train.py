@@ -149,6 +149,50 @@ def test_sft_on_false_facts_makes_the_default_model_forget_them(tmp_path, defaul
     assert d_control.mean() > 0 and d_probe.mean() < d_control.mean() - 2
 
 
+def test_in_run_eval_starts_at_the_base_and_matches_offline_eval(tmp_path):
+    """eval.jsonl gets a row at step 0 (the base model), every N steps and at the end; the last row equals
+    evaluating the saved checkpoint offline with the same inputs."""
+    from dynamics.evaluate import EvalConfig, evaluate_model, summarise
+    from dynamics.probes import text_suite
+    from dynamics.tasks import get_task
+
+    probes = write_records(tmp_path / "probes.jsonl", text_suite()[:6])
+    task = get_task("jigsaw")
+    res = train_sft(sft_config(tmp_path, max_steps=4, eval_every=2, eval_task="jigsaw", eval_n=4,
+                               probes=str(probes)), task.build(16, 0))
+    rows = read_jsonl_rows(res.run / "eval.jsonl")
+    assert [r["step"] for r in rows] == [0, 2, 4]
+    assert {"task_accuracy", "task_reward", "probe_accuracy", "probe_logp"} <= set(rows[0])
+    assert rows[0]["probe_logp"] != rows[-1]["probe_logp"]  # the probes' log p moved with training
+    import pandas as pd
+
+    items = pd.read_parquet(res.run / "eval.parquet")
+    assert sorted(items.groupby("step").size().items()) == [(0, 10), (2, 10), (4, 10)]
+    ec = EvalConfig(task="jigsaw", n_task=4, progress=False)
+    offline = summarise(evaluate_model(load_model(res.run / "checkpoint-4"), task.build(4, ec.task_seed),
+                                       read_records(probes), ec, step=4))
+    assert offline == pytest.approx({k: v for k, v in rows[-1].items() if k != "step"}, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_grpo_on_the_default_model_logs_rollouts_with_rewards_and_advantages(tmp_path):
+    from dynamics.tasks import get_task
+
+    task = get_task("jigsaw")
+    cfg = load_config(RFTRunConfig, None, model="default", output_dir=str(tmp_path / "rft"), max_steps=2,
+                      n_prompts=4, bf16=True, disable_tqdm=True, seed=0, optimizer_state="none")
+    res = train_rft(cfg)
+    assert (cfg.num_generations, cfg.prompts_per_step, cfg.max_completion_length) == (8, 2, task.max_new_tokens)
+    rows = check_rollouts(res.run, task, steps=2, group=8, prompts=2)
+    assert len({r["reward"] for r in rows}) > 1  # the base model's samples differ in reward: a learning signal
+    assert all(r["meta"]["rewards"].keys() == {"jigsaw_accuracy", "jigsaw_hit", "jigsaw_format"} for r in rows)
+    metrics = read_jsonl_rows(res.run / "metrics.jsonl")
+    for m in metrics:
+        acc = [r["meta"]["score"]["accuracy"] for r in rows if r["step"] == m["step"]]
+        assert m["accuracy"] == pytest.approx(sum(acc) / len(acc))
+        assert {"loss", "lr", "grad_norm", "reward_std"} <= set(m)
+
+
 class Interrupt(TrainerCallback):
     def __init__(self, at: int) -> None:
         self.at = at

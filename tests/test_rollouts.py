@@ -1,0 +1,68 @@
+"""RFT-simulated rollouts: sampled, scored with the task reward, filtered to the correct ones, written as records."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dynamics.data import read_records, text_of
+from dynamics.errors import DynamicsError
+from dynamics.tasks import get_task
+from dynamics.train.rollouts import (
+    RolloutsConfig,
+    group_advantages,
+    keep_rollouts,
+    make_rollouts,
+    sample_rollouts,
+    step_range,
+)
+
+
+def test_group_advantages_and_step_ranges():
+    adv = group_advantages([0, 1, 1, 2, 3, 3, 3, 3], 4)
+    assert adv[:4] == pytest.approx([-1.2247, 0.0, 0.0, 1.2247], abs=1e-3)  # (r - mean) / (sample std + 1e-4)
+    assert adv[4:] == [0.0] * 4  # a group with one reward carries no signal
+    assert step_range("2:5") == (2, 5) and step_range("7") == (7, 7) and step_range(":3")[0] == 0
+    assert step_range("4:")[1] > 10**9
+    with pytest.raises(DynamicsError, match="step range"):
+        step_range("a:b")
+    with pytest.raises(DynamicsError, match="keep"):
+        RolloutsConfig(out="x.jsonl", keep="best")
+
+
+@pytest.mark.slow
+def test_keep_correct_keeps_exactly_the_reward_one_rollouts(default_lm):
+    """Sample 8 completions for 4 jigsaw prompts from the default model; every rollout carries the task's
+    score and GRPO's group advantage, and keep=correct keeps exactly those with accuracy 1."""
+    task = get_task("jigsaw")
+    prompts = task.build(4, 0)
+    rows = sample_rollouts(default_lm, task, prompts, samples=8, temperature=1.0, seed=0, progress=False)
+    assert len(rows) == 32 and len({r["id"] for r in rows}) == 32
+    for i, r in enumerate(rows):
+        src = prompts[i // 8]
+        score = task.score(text_of(r["completion"]), src["answer"])
+        assert r["meta"]["prompt_id"] == src["id"] and r["prompt"] == src["prompt"] and r["answer"] == src["answer"]
+        assert r["meta"]["score"] == score and r["reward"] == score["total"]
+    assert [r["advantage"] for r in rows] == pytest.approx(group_advantages([r["reward"] for r in rows], 8))
+    kept = keep_rollouts(rows, "correct")
+    assert kept == [r for r in rows if task.score(text_of(r["completion"]), r["answer"])["accuracy"] == 1.0]
+    assert 0 < len(kept) < len(rows)  # the base model solves some 1x3 puzzles, not all
+    assert all(r["meta"]["score"]["accuracy"] == 1.0 and r["reward"] == 3.0 for r in kept)
+
+
+def test_rollouts_cli_writes_records_that_sft_reads(tmp_path, cli):
+    out = tmp_path / "r.jsonl"
+    res = cli("rollouts", "--model", "tiny-llama", "--task", "jigsaw", "--n-prompts", "3", "--samples", "2",
+              "--max-new-tokens", "8", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    assert "6 of 6 rollouts over 3 prompts" in res.stdout
+    recs = read_records(out)
+    assert len(recs) == 6 and all(isinstance(r["reward"], float) and "advantage" in r for r in recs)
+    assert [r["meta"]["sample"] for r in recs] == [0, 1] * 3
+    assert all(json.loads(json.dumps(r["meta"]["score"])).keys() == {"accuracy", "hit", "format", "total"}
+               for r in recs)
+    with pytest.raises(DynamicsError, match="none kept by keep=correct"):  # a random tiny model solves nothing
+        make_rollouts(RolloutsConfig(out=str(tmp_path / "c.jsonl"), model="tiny-llama", n_prompts=3, samples=2,
+                                     max_new_tokens=8, keep="correct"))
+    assert not (tmp_path / "c.jsonl").exists()
