@@ -26,6 +26,7 @@ def rollouts(
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Default: the task's budget."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
     batch_size: int = typer.Option(16, "--batch-size"),
+    bf16: bool = typer.Option(False, "--bf16", help="Sample under bf16 autocast (as `train rft --bf16` does)."),
     keep: str = typer.Option("all", "--keep", help="all, or correct: only rollouts with accuracy 1 (SFT-ready)."),
     from_run: Path | None = typer.Option(None, "--from-run", help="Extract the rollouts an RFT run logged instead."),
     steps: str | None = typer.Option(None, "--steps", help="With --from-run: step range A:B (inclusive)."),
@@ -37,7 +38,7 @@ def rollouts(
     path, s = make_rollouts(RolloutsConfig(
         out=str(out), model=model, task=task, task_args=task_args, data=str(data) if data else None,
         n_prompts=n_prompts, prompts_seed=prompts_seed, samples=samples, temperature=temperature, top_p=top_p,
-        max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, keep=keep,
+        max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, bf16=bf16, keep=keep,
         from_run=str(from_run) if from_run else None, steps=steps))
     acc = "" if s["accuracy"] is None else f", accuracy {s['accuracy']:.3f}"
     console.print(f"{path}: {s['kept']} of {s['rollouts']} rollouts over {s['prompts']} prompts "

@@ -330,41 +330,37 @@ def check_rollouts(run: Path, task, steps: int, group: int, prompts: int) -> lis
 
 
 def test_rft_vlm_end_to_end_images_reach_generation_and_loss(tmp_path):
-    from PIL import Image
+    """GRPO on the tiny VLM with image-jigsaw prompts (the local task's rewards, which vary for a random model):
+    the images reach sampling and the training forward, and the policy gradient reaches the vision tower."""
+    from dynamics.tasks import get_task
 
-    paths = []
-    for i in range(3):
-        Image.new("RGB", (56 + 28 * i, 56), (80 * i, 40, 200)).save(tmp_path / f"im{i}.png")
-        paths.append(str(tmp_path / f"im{i}.png"))
-    task = say_task(paths)
+    records = get_task("jigsaw", preset="image-direct", image_dir=str(tmp_path / "img")).build(8, 0)
+    task = say_task()
     cfg = load_config(RFTRunConfig, None, model="tiny-qwen2.5-vl", output_dir=str(tmp_path / "run"), max_steps=2,
                       learning_rate=1e-2, num_generations=4, disable_tqdm=True, seed=0, beta=0.04)
-    trainer, resume = build_rft_trainer(cfg, task=task, records=task.build(8, 0))
+    trainer, resume = build_rft_trainer(cfg, task=task, records=records)
     calls = []
     visual = trainer.model.model.visual
     visual.register_forward_hook(lambda m, args, out: calls.append(torch.is_grad_enabled()))
     before = {k: v.clone() for k, v in visual.state_dict().items()}
     res = run_trainer(trainer, cfg, resume, trainer.run_info)
     assert res.checkpoints == [2]
-    assert False in calls and True in calls  # images in generation (no grad) and in the training forward
+    assert False in calls and True in calls  # images in sampling (no grad) and in the training forward
     after = visual.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)  # policy gradient reached the vision tower
     rows = check_rollouts(res.run, task, steps=2, group=4, prompts=2)
-    assert all(r["images"][0] in paths for r in rows)
+    by_id = {r["id"]: r for r in records}
+    assert all(r["images"] == by_id[r["meta"]["prompt_id"]]["images"] for r in rows)
     lm = load_model(res.run / "checkpoint-2")
     assert lm.kind == "vlm" and (res.run / "checkpoint-2/preprocessor_config.json").exists()
     assert "kl" in read_jsonl_rows(res.run / "metrics.jsonl")[0]
 
 
-def test_sft_vlm_end_to_end_on_image_records(tmp_path):
-    from PIL import Image
+def test_sft_vlm_end_to_end_on_image_jigsaw_records(tmp_path):
+    from dynamics.tasks import get_task
 
-    recs = []
-    for i in range(4):
-        Image.new("RGB", (56, 56 + 28 * (i % 2)), (60 * i, 100, 30)).save(tmp_path / f"im{i}.png")
-        recs.append({"id": f"v{i}", "prompt": "Order the pieces.", "completion": f"{i} 0 2 1",
-                     "images": [f"im{i}.png"]})
-    data = write_records(tmp_path / "train.jsonl", recs)
+    data = tmp_path / "train.jsonl"
+    write_records(data, get_task("jigsaw", preset="image-direct", image_dir=str(tmp_path / "img")).build(4, 0))
     res = train_sft(sft_config(tmp_path, model="tiny-qwen2.5-vl", data=str(data), max_steps=3, learning_rate=1e-2))
     losses = [r["loss"] for r in read_jsonl_rows(res.run / "metrics.jsonl")]
     assert losses[-1] < losses[0]

@@ -46,6 +46,7 @@ class RolloutsConfig:
     max_new_tokens: int | None = field(default=None, metadata={"help": "Default: the task's generation budget."})
     seed: int = 0
     batch_size: int = 16
+    bf16: bool = field(default=False, metadata={"help": "Sample under bf16 autocast (as RFT does with --bf16)."})
     keep: str = "all"
     from_run: str | None = field(default=None, metadata={"help": "Extract the rollouts an RFT run logged."})
     steps: str | None = field(default=None, metadata={"help": "Step range A:B (inclusive; either end optional)."})
@@ -116,13 +117,17 @@ def prompt_records(task: Any, data: str | os.PathLike | None, n: int, seed: int)
 
 def sample_rollouts(lm: Any, task: Any, records: Sequence[dict], *, samples: int, temperature: float,
                     top_p: float = 1.0, max_new_tokens: int | None = None, seed: int = 0,
-                    batch_size: int = 16, progress: bool = True) -> list[dict]:
-    """Sample ``samples`` completions per prompt with :func:`dynamics.generation.generate`, score each with
-    ``task.score``, and return them all as rollout records (in prompt order, samples consecutive)."""
+                    batch_size: int = 16, bf16: bool = False, progress: bool = True) -> list[dict]:
+    """Sample ``samples`` completions per prompt with :func:`dynamics.generation.generate` (under bf16
+    autocast if ``bf16``), score each with ``task.score``, and return them all as rollout records (in prompt
+    order, samples consecutive)."""
     from dynamics.generation import generate
 
-    texts = generate(lm, records, max_new_tokens=max_new_tokens or task.max_new_tokens, temperature=temperature,
-                     top_p=top_p, num_samples=samples, batch_size=batch_size, seed=seed, progress=progress)
+    device = next(lm.model.parameters()).device.type
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+        texts = generate(lm, records, max_new_tokens=max_new_tokens or task.max_new_tokens,
+                         temperature=temperature, top_p=top_p, num_samples=samples, batch_size=batch_size,
+                         seed=seed, progress=progress)
     k = len(texts[0]) if texts else samples
     scores = [task.score(t, rec["answer"]) for rec, ts in zip(records, texts, strict=True) for t in ts]
     advantages = group_advantages([s["total"] for s in scores], k)
@@ -161,7 +166,7 @@ def make_rollouts(config: RolloutsConfig) -> tuple[Path, dict]:
         lm = load_model(config.model)
         rows = sample_rollouts(lm, task, records, samples=config.samples, temperature=config.temperature,
                                top_p=config.top_p, max_new_tokens=config.max_new_tokens, seed=config.seed,
-                               batch_size=config.batch_size)
+                               batch_size=config.batch_size, bf16=config.bf16)
     kept = keep_rollouts(rows, config.keep)
     if not kept:
         raise DynamicsError(f"no rollouts to write ({len(rows)} sampled, none kept by keep={config.keep})",
