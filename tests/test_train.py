@@ -212,6 +212,8 @@ def test_resume_reaches_the_uninterrupted_weights(tmp_path):
     (cut / "checkpoint-4").mkdir()  # a half-written checkpoint (no manifest) must be ignored and removed
     with pytest.raises(DynamicsError, match="--resume"):
         train_sft(sft_config(tmp_path, "cut", checkpoint_every=2), recs)
+    with pytest.raises(DynamicsError, match="data_hash"):  # other data would not continue the same run
+        train_sft(sft_config(tmp_path, "cut", checkpoint_every=2, resume=True), recs[:8])
     resumed = train_sft(sft_config(tmp_path, "cut", checkpoint_every=2, resume=True), recs)
     assert resumed.steps == 4 and resumed.checkpoints == [2, 4, 6]
     a, b = load_file(full.run / "checkpoint-6/model.safetensors"), load_file(cut / "checkpoint-6/model.safetensors")

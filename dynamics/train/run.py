@@ -323,6 +323,11 @@ def run_trainer(trainer: Any, config: Any, resume_from: Path | None, info: RunIn
     run = Path(config.output_dir)
     manifest_path = run / "manifest.json"
     previous = json.loads(manifest_path.read_text()) if (resume_from and manifest_path.exists()) else {}
+    current = {"kind": info.kind, "base_model": info.base_model, "data_hash": info.data.get("sha256")}
+    for key, value in current.items():  # resuming with another model or data would not continue the same run
+        if key in previous and previous[key] != value:
+            raise DynamicsError(f"cannot resume: the run's {key} was {previous[key]!r}, now it is {value!r}",
+                                file=manifest_path, field=key)
     manifest = info.manifest(command=sys.argv, started=previous.get("started", now()), status="running",
                              resumes=previous.get("resumes", []) + ([{"from": resume_from.name, "time": now()}]
                                                                     if resume_from else []))
