@@ -247,7 +247,8 @@ def machine() -> dict:
     cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.processor())
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "ram_gb": round(mem, 1),
-            "python": platform.python_version(), "torch": torch.__version__}
+            "python": platform.python_version(), "torch": torch.__version__,
+            "load_avg": round(os.getloadavg()[0], 1)}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     for lib in ("transformers", "opacus", "bergson", "kronfluence"):
@@ -289,6 +290,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     ap.add_argument("--figure", type=Path, default=ROOT / "figures" / "benchmark_scaling.png")
+    ap.add_argument("--report-only", type=Path, nargs="+",
+                    help="rewrite RESULTS.md and the figure from saved --json files (runs merged)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--case", help=argparse.SUPPRESS)
     ap.add_argument("--records", type=Path, help=argparse.SUPPRESS)
@@ -297,6 +300,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         return worker(BY_NAME[args.worker], Case(**json.loads(args.case)), args.records, args.out)
 
+    from benchmarks.report import write_figure, write_results
+
+    if args.report_only:
+        reports = [json.loads(p.read_text()) for p in args.report_only]
+        write_figure([r for rep in reports for r in rep["rows"]], args.figure)
+        return write_results(reports, args.results, args.figure)
     methods = [BY_NAME[n.strip()] for n in args.methods.split(",")] if args.methods else METHODS
     command = " ".join([Path(sys.executable).relative_to(ROOT).as_posix() if Path(sys.executable).is_relative_to(
         ROOT) else "python", "-m", "benchmarks.influence", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
@@ -317,10 +326,8 @@ def main(argv: list[str] | None = None) -> None:
             "%Y-%m-%d %H:%M", time.localtime(started)), "minutes": (time.time() - started) / 60, "rows": rows}
         if args.json:
             args.json.write_text(json.dumps(report, indent=1))
-    from benchmarks.report import write_figure, write_results
-
     write_figure(rows, args.figure)
-    write_results(report, args.results, args.figure)
+    write_results([report], args.results, args.figure)
     print(f"wrote {args.results} and {args.figure}")
 
 

@@ -146,18 +146,22 @@ def targets(rows: list[dict]) -> list[str]:
     return lines
 
 
-def write_results(report: dict, path: Path, figure: Path) -> None:
+def write_results(reports: list[dict], path: Path, figure: Path) -> None:
+    """RESULTS.md from one or more runs (their rows merged; each run's command listed)."""
     from benchmarks.influence import BASELINE, BY_NAME, K_DIM
 
-    rows = report["rows"]
+    rows = [r for rep in reports for r in rep["rows"]]
+    report = reports[-1]
     mach = report["machine"]
+    runs = [f"    {rep['command']}    # {rep['minutes']:.0f} min" for rep in reports]
     out = ["# Influence benchmark: dynamics against the tools people would use instead", "",
-           "Produced in one run by", "", f"    {report['command']}", "",
+           "Produced by" + (" these runs (rows merged; each case's methods ran in one run on the same inputs)"
+                            if len(reports) > 1 else ""), "", *runs, "",
            f"on {mach.get('gpu', mach['cpu'])} ({mach['cores']} cores, {mach['torch_threads']} torch threads, "
-           f"{mach['ram_gb']} GiB RAM{', shared with other jobs' if 'gpu' not in mach else ''}), Python "
+           f"{mach['ram_gb']} GiB RAM{', shared with other jobs: load average ' + str(mach.get('load_avg', '?')) + ' when the run ended' if 'gpu' not in mach else ''}), Python "
            f"{mach['python']}, torch {mach['torch']}, transformers {mach['transformers']}, opacus {mach['opacus']}, "
-           f"bergson {mach['bergson']}, kronfluence {mach['kronfluence']}; started {report['started']}, "
-           f"{report['minutes']:.0f} minutes.", "",
+           f"bergson {mach['bergson']}, kronfluence {mach['kronfluence']}; first run started "
+           f"{reports[0]['started']}.", "",
            "Every method computes the train × probe kernel K[u, o] = ⟨g(u), g(o)⟩ (g: gradient of the summed "
            "completion log-likelihood) from the same encoded samples, in its own fresh subprocess after one "
            "untimed forward. Time is that call's wall clock; memory is the subprocess's peak RSS above its RSS "

