@@ -10,6 +10,7 @@ independent samples from ``softmax(logits / temperature)`` restricted to the top
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -48,37 +49,59 @@ def generate(
     seed: int = 0,
     progress: bool = True,
 ) -> list[list[str]]:
-    """Completion texts for each record's prompt: ``out[i]`` holds ``num_samples`` strings (1 when greedy)."""
+    """Completion texts for each record's prompt: ``out[i]`` holds ``num_samples`` strings (1 when greedy).
+
+    ``batch_size`` counts sequences. When sampling several completions of a text prompt, the prompt is run
+    through the model once and its key/value cache repeated for the samples (same result, a fraction of the
+    prefill cost)."""
     greedy = temperature == 0
     n_samples = 1 if greedy else num_samples
     tok = lm.tokenizer
     encoded = [encode_record(lm.processing_class, {**r, "completion": None}) for r in records]
-    # every (record, sample) pair is one sequence; long prompts first so padding stays small within a batch
-    jobs = sorted(((i, s) for i in range(len(records)) for s in range(n_samples)),
-                  key=lambda j: (-len(encoded[j[0]].input_ids), j))
-    out: list[list[str]] = [[""] * n_samples for _ in records]
+    share = n_samples > 1 and all(e.pixel_values is None and len(e.input_ids) > 1 for e in encoded)
+    per_batch = max(1, batch_size // n_samples) if share else batch_size
+    # long prompts first so that padding stays small within a batch; every (record, sample) pair is one sequence
+    order = sorted(range(len(records)), key=lambda i: (-len(encoded[i].input_ids), i))
+    jobs = [[i] for i in order] if share else [[i] for i in order for _ in range(n_samples)]
+    out: list[list[str]] = [[] for _ in records]
     device = next(lm.model.parameters()).device
     gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=not greedy, pad_token_id=tok.pad_token_id,
                       eos_token_id=tok.eos_token_id)
-    if not greedy:
-        gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
-    else:
+    if greedy:
         gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+    else:
+        gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
     was_training = lm.model.training
     lm.model.eval()
-    bar = tqdm(total=len(jobs), desc="generate", unit="seq", disable=not progress, leave=False)
+    bar = tqdm(total=len(records) * n_samples, desc="generate", unit="seq", disable=not progress, leave=False)
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
-            for start in range(0, len(jobs), batch_size):
-                chunk = jobs[start:start + batch_size]
-                batch = {k: v.to(device) for k, v in left_pad([encoded[i] for i, _ in chunk], tok.pad_token_id).items()}
+            for start in range(0, len(jobs), per_batch):
+                idx = [j[0] for j in jobs[start:start + per_batch]]
+                batch = {k: v.to(device) for k, v in left_pad([encoded[i] for i in idx], tok.pad_token_id).items()}
+                width = batch["input_ids"].shape[1]
+                if share:
+                    batch = _shared_prefill(lm.model, batch, n_samples)
                 seqs = lm.model.generate(**batch, **gen_kwargs)
-                texts = tok.batch_decode(seqs[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-                for (i, s), text in zip(chunk, texts, strict=True):
-                    out[i][s] = text.strip()
-                bar.update(len(chunk))
+                texts = tok.batch_decode(seqs[:, width:], skip_special_tokens=True)
+                rows = [i for i in idx for _ in range(n_samples)] if share else idx
+                for i, text in zip(rows, texts, strict=True):
+                    out[i].append(text.strip())
+                bar.update(len(texts))
     finally:
         bar.close()
         lm.model.train(was_training)
     return out
+
+
+def _shared_prefill(model: torch.nn.Module, batch: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor | Any]:
+    """Run all but the last prompt token once, then repeat each row (and its key/value cache) ``n`` times; the
+    positions follow the left padding exactly as ``generate`` computes them."""
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    positions = (attn.cumsum(-1) - 1).clamp(min=0)
+    cache = model(input_ids=ids[:, :-1], attention_mask=attn[:, :-1], position_ids=positions[:, :-1],
+                  use_cache=True).cache
+    cache.batch_repeat_interleave(n)
+    return {"input_ids": ids.repeat_interleave(n, 0), "attention_mask": attn.repeat_interleave(n, 0),
+            "cache": cache}
