@@ -132,3 +132,13 @@ def eval_callback(config: Any, lm: LoadedModel, run_dir: str | Path, task: str |
                     batch_size=config.eval_batch_size, progress=False)
     task_records, probes = load_inputs(ec, run_dir, kind=lm.kind) if config.should_save else ([], [])
     return EvalCallback(lm, task_records, probes, ec, config.eval_every, run_dir)
+
+
+def run_callbacks(config: Any, lm: LoadedModel, extra: Any = (), task: str | None = None,
+                  task_args: str = "") -> list[TrainerCallback]:
+    """The callbacks every run gets (metrics, checkpoint schedule, in-run evaluation if asked) + ``extra``."""
+    run = Path(config.output_dir)
+    ev = eval_callback(config, lm, run, task, task_args)
+    return [MetricsCallback(run / "metrics.jsonl"),
+            CheckpointScheduleCallback(config.checkpoint_schedule, config.checkpoint_every),
+            *([ev] if ev else []), *extra]

@@ -1,6 +1,6 @@
 """Reinforcement fine-tuning with GRPO on a task's rewards, through TRL's ``GRPOTrainer``.
 
-Each step samples G completions for each of ``prompts_per_step`` prompts, scores them with the task's reward
+Each step samples G completions for each of its prompts (default 2 x 8), scores them with the task's reward
 functions (jigsaw: hit + accuracy + format), and maximises the clipped surrogate with group-normalised
 advantages (TRL's ``loss_type``, default DAPO token averaging)::
 
@@ -33,17 +33,13 @@ from dynamics.errors import DynamicsError
 from dynamics.store import append_jsonl
 from dynamics.train.rollouts import prompt_records, rollout_record
 from dynamics.train.run import (
-    RunInfo,
     RunOptions,
     RunTrainerMixin,
     TrainResult,
-    base_model_spec,
-    config_dict,
-    data_fingerprint,
     lora_config,
-    prepare_run,
     run_options_post_init,
     run_trainer,
+    start_run,
 )
 
 
@@ -52,8 +48,9 @@ class RFTRunConfig(RunOptions, GRPOConfig):
     """Every ``trl.GRPOConfig`` option (``beta``, ``epsilon``, ``temperature``, ``num_generations``, ``loss_type``,
     ...), plus the run options of :class:`dynamics.train.run.RunOptions` and the task.
 
-    ``prompts_per_step`` sets ``per_device_train_batch_size = prompts_per_step * num_generations / processes``;
-    set it to 0 to give ``per_device_train_batch_size`` yourself.
+    A step trains on ``per_device_train_batch_size`` completions per process (default 16: 2 prompts x 8);
+    ``prompts_per_step`` instead sets ``per_device_train_batch_size = prompts_per_step * num_generations /
+    processes``.
     """
 
     task: str = field(default="jigsaw", metadata={"help": "Task whose rewards are optimised."})
@@ -61,7 +58,8 @@ class RFTRunConfig(RunOptions, GRPOConfig):
     data: str | None = field(default=None, metadata={"help": "Prompt records with answers (else built)."})
     n_prompts: int = field(default=128, metadata={"help": "Training prompts built by the task."})
     prompts_seed: int = 0
-    prompts_per_step: int = 2
+    prompts_per_step: int | None = field(default=None, metadata={"help": "Prompts per step over all processes."})
+    per_device_train_batch_size: int = 16
     num_generations: int | None = 8
     max_completion_length: int | None = field(default=None, metadata={"help": "Default: the task's budget."})
     learning_rate: float = 1e-5
@@ -222,8 +220,7 @@ def build_rft_trainer(config: RFTRunConfig, task: Any = None, records: Sequence[
     ``task`` defaults to ``get_task(config.task, **parse_task_args(config.task_args))``; it provides
     ``reward_funcs``, ``score``, ``build`` and ``max_new_tokens``.
     """
-    from dynamics.models import load_model
-    from dynamics.train.callbacks import CheckpointScheduleCallback, MetricsCallback, eval_callback
+    from dynamics.train.callbacks import run_callbacks
 
     if task is None:
         from dynamics.tasks import get_task, parse_task_args
@@ -233,32 +230,20 @@ def build_rft_trainer(config: RFTRunConfig, task: Any = None, records: Sequence[
         records = prompt_records(task, config.data, config.n_prompts, config.prompts_seed)
     if config.max_completion_length is None:
         config.max_completion_length = task.max_new_tokens
-    resume_from = prepare_run(config)
-    lm = load_model(config.model, dtype=config.model_dtype, trainable=True)
-    if config.lora_r and lm.is_peft:
-        raise DynamicsError("the model is already a LoRA adapter; drop --lora to train it further", field="lora_r")
-    info = RunInfo(
-        kind="rft", base_model=base_model_spec(config.model, lm), init_model=config.model,
-        data={"path": str(Path(config.data).resolve()) if config.data else None, "n": len(records),
-              "task": config.task, "task_args": config.task_args,
-              "sha256": data_fingerprint(config.data if config.data else None, None if config.data else records)},
-        config=config_dict(config), lora=bool(config.lora_r) or lm.is_peft)
-    run = Path(config.output_dir)
+    lm, info, resume_from = start_run(config, "rft", records, task=getattr(task, "name", config.task),
+                                      task_args=config.task_args)
     if config.beta and not lm.is_peft and not config.lora_r:
         _reference_on_disk(lm, config)
-    cbs = [MetricsCallback(run / "metrics.jsonl"),
-           CheckpointScheduleCallback(config.checkpoint_schedule, config.checkpoint_every)]
-    ev = eval_callback(config, lm, run, task=config.task, task_args=config.task_args)
-    cbs += ([ev] if ev else []) + list(callbacks)
     processing = TRLVisionProcessor(lm.processor) if lm.processor is not None else lm.tokenizer
     trainer = DynamicsGRPOTrainer(model=lm.model, reward_funcs=list(task.reward_funcs), args=config,
-                                  train_dataset=rft_dataset(records), processing_class=processing, callbacks=cbs,
+                                  train_dataset=rft_dataset(records), processing_class=processing,
+                                  callbacks=run_callbacks(config, lm, callbacks, config.task, config.task_args),
                                   peft_config=lora_config(config) if config.lora_r else None)
     trainer.run_processing_class = lm.processing_class
     trainer.run_info = info
     trainer.task = task
     trainer.records_by_id = {r["id"]: r for r in records}
-    trainer.rollouts_path = run / "rollouts.jsonl" if config.log_rollouts else None
+    trainer.rollouts_path = Path(config.output_dir) / "rollouts.jsonl" if config.log_rollouts else None
     return trainer, resume_from
 
 

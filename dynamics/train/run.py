@@ -23,6 +23,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -167,18 +168,19 @@ def prepare_run(config: Any) -> Path | None:
     ckpts = complete_checkpoints(run)
     resume_from = ckpts[-1][1] if (config.resume and ckpts) else None
     if config.should_save:  # the main process prepares the folder, the others wait
-        is_run = (run / "manifest.json").exists() or bool(ckpts)
         if run.exists() and not run.is_dir():
             raise DynamicsError("the run folder is a file", file=run)
-        if run.is_dir() and any(run.iterdir()) and not config.resume:
+        nonempty = run.is_dir() and any(run.iterdir())
+        if nonempty and not ((run / "manifest.json").exists() or ckpts):
+            raise DynamicsError("the folder is not empty and holds no run: choose another run folder", file=run)
+        if nonempty and not config.resume:
             if not config.overwrite:
-                what = "already holds a run" if is_run else "is not empty"
-                raise DynamicsError(f"the run folder {what}: pass --resume to continue it or --overwrite to start "
-                                    "over", file=run)
-            if not is_run:
-                raise DynamicsError("refusing to overwrite a folder that is not a run folder", file=run)
+                raise DynamicsError("the run folder already holds a run: pass --resume to continue it or "
+                                    "--overwrite to start over", file=run)
             shutil.rmtree(run)
         run.mkdir(parents=True, exist_ok=True)
+        if not (run / "manifest.json").exists():  # marks the folder as a run from the start
+            write_json(run / "manifest.json", {"format": RUN_FORMAT, "status": "preparing", "started": now()})
         shutil.rmtree(run / STAGING, ignore_errors=True)
         last = ckpts[-1][0] if resume_from else -1  # a fresh start keeps no log rows
         for name in RUN_LOGS:
@@ -193,7 +195,7 @@ def prepare_run(config: Any) -> Path | None:
     return resume_from
 
 
-def data_fingerprint(path: str | os.PathLike | None, records: list[dict] | None = None) -> str:
+def data_fingerprint(path: str | os.PathLike | None, records: Sequence[dict] | None = None) -> str:
     """SHA-256 of a data file, or of records' canonical JSON when they were built in memory."""
     import hashlib
 
@@ -239,6 +241,25 @@ class RunInfo:
         return {"format": RUN_FORMAT, "kind": self.kind, "base_model": self.base_model,
                 "init_model": self.init_model, "lora": self.lora, "data": self.data,
                 "data_hash": self.data.get("sha256"), "config": self.config, "versions": versions(), **extra}
+
+
+def start_run(config: Any, kind: str, records: Sequence[dict], **data: Any) -> tuple[Any, RunInfo, Path | None]:
+    """Prepare the run folder, load the model to train and describe the run: ``(lm, info, resume_from)``.
+
+    ``records`` are the training data (read from ``config.data`` or built in memory); ``data`` adds fields to
+    the manifest's ``data`` entry (e.g. the task)."""
+    from dynamics.models import load_model
+
+    resume_from = prepare_run(config)
+    lm = load_model(config.model, dtype=config.model_dtype, trainable=True)
+    if config.lora_r and lm.is_peft:
+        raise DynamicsError("the model is already a LoRA adapter; drop --lora to train it further", field="lora_r")
+    info = RunInfo(
+        kind=kind, base_model=base_model_spec(config.model, lm), init_model=config.model,
+        data={"path": str(Path(config.data).resolve()) if config.data else None, "n": len(records), **data,
+              "sha256": data_fingerprint(config.data, None) if config.data else data_fingerprint(None, records)},
+        config=config_dict(config), lora=bool(config.lora_r) or lm.is_peft)
+    return lm, info, resume_from
 
 
 def lora_config(config: Any) -> Any:

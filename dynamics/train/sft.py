@@ -23,17 +23,13 @@ from trl import SFTConfig, SFTTrainer
 from dynamics.data import Encoded, collate, context_length, encode_record, read_records
 from dynamics.errors import DynamicsError
 from dynamics.train.run import (
-    RunInfo,
     RunOptions,
     RunTrainerMixin,
     TrainResult,
-    base_model_spec,
-    config_dict,
-    data_fingerprint,
     lora_config,
-    prepare_run,
     run_options_post_init,
     run_trainer,
+    start_run,
 )
 
 
@@ -94,30 +90,17 @@ class DynamicsSFTTrainer(RunTrainerMixin, SFTTrainer):
 def build_sft_trainer(config: SFTRunConfig, records: Sequence[dict] | None = None,
                       callbacks: Sequence[Any] = ()) -> tuple[DynamicsSFTTrainer, Path | None]:
     """Load the model and data, prepare the run folder, and return ``(trainer, checkpoint to resume from)``."""
-    from dynamics.models import load_model
-    from dynamics.train.callbacks import CheckpointScheduleCallback, MetricsCallback, eval_callback
+    from dynamics.train.callbacks import run_callbacks
 
     if records is None:
         if not config.data:
             raise DynamicsError("no training data: give --data FILE", field="data")
         records = read_records(config.data)
-    resume_from = prepare_run(config)
-    lm = load_model(config.model, dtype=config.model_dtype, trainable=True)
-    if config.lora_r and lm.is_peft:
-        raise DynamicsError("the model is already a LoRA adapter; drop --lora to train it further", field="lora_r")
-    info = RunInfo(
-        kind="sft", base_model=base_model_spec(config.model, lm), init_model=config.model,
-        data={"path": str(Path(config.data).resolve()) if config.data else None, "n": len(records),
-              "sha256": data_fingerprint(config.data if config.data else None, None if config.data else records)},
-        config=config_dict(config), lora=bool(config.lora_r) or lm.is_peft)
+    lm, info, resume_from = start_run(config, "sft", records)
     dataset = sft_dataset(lm.processing_class, records, context_length(lm.model))
-    run = Path(config.output_dir)
-    cbs = [MetricsCallback(run / "metrics.jsonl"),
-           CheckpointScheduleCallback(config.checkpoint_schedule, config.checkpoint_every)]
-    ev = eval_callback(config, lm, run)
-    cbs += ([ev] if ev else []) + list(callbacks)
     trainer = DynamicsSFTTrainer(model=lm.model, args=config, train_dataset=dataset, processing_class=lm.tokenizer,
-                                 data_collator=CompletionCollator(lm.tokenizer.pad_token_id), callbacks=cbs,
+                                 data_collator=CompletionCollator(lm.tokenizer.pad_token_id),
+                                 callbacks=run_callbacks(config, lm, callbacks),
                                  peft_config=lora_config(config) if config.lora_r else None)
     trainer.run_processing_class = lm.processing_class
     trainer.run_info = info
