@@ -109,7 +109,7 @@ def rft(
     max_steps: int | None = MAX_STEPS,
     epochs: float | None = EPOCHS,
     lr: float | None = LR,
-    prompts_per_step: int | None = typer.Option(None, "--prompts-per-step", help="Prompts per step, split over the processes (default: 2 per process, i.e. 16 completions)."),
+    prompts_per_step: int | None = typer.Option(None, "--prompts-per-step", help="Prompts per step, split over the processes (default 2)."),
     group_size: int | None = typer.Option(None, "--group-size", help="Completions per prompt, G (default 8)."),
     beta: float | None = typer.Option(None, "--beta", help="KL coefficient to the initial model (default 0)."),
     epsilon: float | None = typer.Option(None, "--epsilon", help="PPO clip range ε (default 0.2)."),

@@ -182,8 +182,8 @@ def test_grpo_on_the_default_model_logs_rollouts_with_rewards_and_advantages(tmp
     cfg = load_config(RFTRunConfig, None, model="default", output_dir=str(tmp_path / "rft"), max_steps=2,
                       n_prompts=4, bf16=True, disable_tqdm=True, seed=0, optimizer_state="none")
     res = train_rft(cfg)
-    assert (cfg.num_generations, cfg.per_device_train_batch_size, cfg.max_completion_length) == (
-        8, 16, task.max_new_tokens)  # 2 prompts x 8 completions per step
+    assert (cfg.prompts_per_step, cfg.num_generations, cfg.per_device_train_batch_size) == (2, 8, 16)
+    assert cfg.max_completion_length == task.max_new_tokens
     rows = check_rollouts(res.run, task, steps=2, group=8, prompts=2)
     assert len({r["reward"] for r in rows}) > 1  # the base model's samples differ in reward: a learning signal
     assert all(r["meta"]["rewards"].keys() == {"jigsaw_accuracy", "jigsaw_hit", "jigsaw_format"} for r in rows)
@@ -340,8 +340,7 @@ def test_rft_vlm_end_to_end_images_reach_generation_and_loss(tmp_path):
     records = get_task("jigsaw", preset="image-direct", image_dir=str(tmp_path / "img")).build(8, 0)
     task = say_task()
     cfg = load_config(RFTRunConfig, None, model="tiny-qwen2.5-vl", output_dir=str(tmp_path / "run"), max_steps=2,
-                      learning_rate=1e-2, num_generations=4, prompts_per_step=2, disable_tqdm=True, seed=0,
-                      beta=0.04)
+                      learning_rate=1e-2, num_generations=4, disable_tqdm=True, seed=0, beta=0.04)
     trainer, resume = build_rft_trainer(cfg, task=task, records=records)
     calls = []
     visual = trainer.model.model.visual
@@ -379,8 +378,7 @@ def test_rft_logged_rollouts_feed_sft(tmp_path):
     """An RFT run's rollouts.jsonl is extracted (`dynamics rollouts --from-run`) and trains with SFT."""
     task = say_task()
     cfg = load_config(RFTRunConfig, None, model="tiny-llama", output_dir=str(tmp_path / "rft"), max_steps=3,
-                      learning_rate=1e-2, num_generations=4, prompts_per_step=2, disable_tqdm=True, seed=0,
-                      checkpoint_every=2)
+                      learning_rate=1e-2, num_generations=4, disable_tqdm=True, seed=0, checkpoint_every=2)
     res = train_rft(cfg, task=task, records=task.build(12, 0))
     assert res.checkpoints == [2, 3]
     check_rollouts(res.run, task, steps=3, group=4, prompts=2)

@@ -48,9 +48,9 @@ class RFTRunConfig(RunOptions, GRPOConfig):
     """Every ``trl.GRPOConfig`` option (``beta``, ``epsilon``, ``temperature``, ``num_generations``, ``loss_type``,
     ...), plus the run options of :class:`dynamics.train.run.RunOptions` and the task.
 
-    A step trains on ``per_device_train_batch_size`` completions per process (default 16: 2 prompts x 8);
-    ``prompts_per_step`` instead sets ``per_device_train_batch_size = prompts_per_step * num_generations /
-    processes``.
+    ``prompts_per_step`` (default 2) sets ``per_device_train_batch_size = prompts_per_step * num_generations /
+    processes``, overriding it; set ``prompts_per_step`` to 0 to give ``per_device_train_batch_size`` (completions
+    per step and process) yourself.
     """
 
     task: str = field(default="jigsaw", metadata={"help": "Task whose rewards are optimised."})
@@ -58,8 +58,8 @@ class RFTRunConfig(RunOptions, GRPOConfig):
     data: str | None = field(default=None, metadata={"help": "Prompt records with answers (else built)."})
     n_prompts: int = field(default=128, metadata={"help": "Training prompts built by the task."})
     prompts_seed: int = 0
-    prompts_per_step: int | None = field(default=None, metadata={"help": "Prompts per step over all processes."})
-    per_device_train_batch_size: int = 16
+    prompts_per_step: int = field(default=2, metadata={"help": "Prompts per step over all processes (0: use "
+                                                                "per_device_train_batch_size)."})
     num_generations: int | None = 8
     max_completion_length: int | None = field(default=None, metadata={"help": "Default: the task's budget."})
     learning_rate: float = 1e-5
