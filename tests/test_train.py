@@ -22,6 +22,7 @@ from transformers import TrainerCallback
 from dynamics.data import collate, encode_record, read_records, text_of, write_records
 from dynamics.errors import DynamicsError
 from dynamics.models import load_model, resolve_checkpoints
+from dynamics.probes import completion_logprobs
 from dynamics.store import read_jsonl_rows
 from dynamics.train.rft import RFTRunConfig, build_rft_trainer, train_rft
 from dynamics.train.rollouts import RolloutsConfig, make_rollouts
@@ -42,16 +43,9 @@ def sft_config(tmp_path: Path, name: str = "run", **kw) -> SFTRunConfig:
     return load_config(SFTRunConfig, None, **{**opts, **kw})
 
 
-@torch.no_grad()
-def completion_nll(lm, records) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per record: summed negative log-likelihood of its completion tokens, and their number (an independent
-    computation from the raw logits, to check what the trainers optimise)."""
-    batch = collate([encode_record(lm.processing_class, r) for r in records], lm.tokenizer.pad_token_id)
-    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)[:, 1:]
-    inputs = {k: v for k, v in batch.items() if k != "completion_mask"}
-    logits = lm.model(**inputs).logits[:, :-1].float()
-    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
-    return nll.sum(1), (labels != -100).sum(1)
+def logp(lm, records) -> torch.Tensor:
+    """Summed log p of each record's completion tokens (the probes' measure, dynamics.probes)."""
+    return torch.tensor(completion_logprobs(lm, records, batch_size=16)["logp_sum"].to_numpy())
 
 
 # ------------------------------------------------------------------------------------------------ schedules
@@ -71,11 +65,11 @@ def test_checkpoint_schedules():
 
 # ------------------------------------------------------------------------------------------------------ SFT
 def test_sft_loss_is_the_completion_nll_and_training_raises_log_p(tmp_path):
-    """TRL's loss on our pre-tokenized rows is exactly the mean NLL of the project's completion tokens; training
-    lowers it and raises log p of the training completions."""
+    """TRL's loss on our pre-tokenized rows is exactly the mean NLL of the completion tokens the probes score;
+    training lowers it and raises log p of the training completions."""
     recs = sums(16)
-    lm = load_model("tiny-llama")
-    nll0, n_tok = (t.sum().item() for t in completion_nll(lm, recs))
+    base = completion_logprobs(load_model("tiny-llama"), recs)
+    nll0, n_tok = -base["logp_sum"].sum(), base["n_tokens"].sum()
     res = train_sft(sft_config(tmp_path, max_steps=12, per_device_train_batch_size=16, learning_rate=1e-2), recs)
     rows = read_jsonl_rows(res.run / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 13))
@@ -83,7 +77,7 @@ def test_sft_loss_is_the_completion_nll_and_training_raises_log_p(tmp_path):
     assert rows[-1]["loss"] < 0.8 * rows[0]["loss"]
     assert {"lr", "grad_norm", "mean_token_accuracy"} <= set(rows[0])
     trained = load_model(res.run / "checkpoint-12")
-    nll1 = completion_nll(trained, recs)[0].sum().item()
+    nll1 = -logp(trained, recs).sum().item()
     assert nll1 < 0.8 * nll0  # log p of the training completions rose
     manifest = json.loads((res.run / "manifest.json").read_text())
     assert manifest["status"] == "completed" and manifest["base_model"] == "tiny-llama" and manifest["steps"] == 12
@@ -136,15 +130,14 @@ def test_sft_on_false_facts_makes_the_default_model_forget_them(tmp_path, defaul
               for i, (c, t, _) in enumerate(CAPITALS)]
     control = [{"id": f"c{i}", "prompt": f"What is the {q}?", "completion": f"The {q} is {a}."}
                for i, (q, a) in enumerate(UNRELATED)]
-    before = [-completion_nll(default_lm, recs)[0] for recs in (probes, control)]
+    before = [logp(default_lm, recs) for recs in (probes, control)]
     cfg = sft_config(tmp_path, model="default", max_steps=1, per_device_train_batch_size=8, learning_rate=2e-4,
                      bf16=True, optimizer_state="none")
     trainer, resume = build_sft_trainer(cfg, train)
     run_trainer(trainer, cfg, resume, trainer.run_info)
     trained = SimpleNamespace(model=trainer.model.eval(), processing_class=default_lm.tokenizer,
                               tokenizer=default_lm.tokenizer)
-    d_probe, d_control = (-completion_nll(trained, recs)[0] - b for recs, b in zip((probes, control), before,
-                                                                                    strict=True))
+    d_probe, d_control = (logp(trained, recs) - b for recs, b in zip((probes, control), before, strict=True))
     assert (d_probe < 0).all() and d_probe.mean() < -1  # nats per probe completion: every true capital lost
     assert d_control.mean() > 0 and d_probe.mean() < d_control.mean() - 2
 
@@ -369,7 +362,7 @@ def test_sft_vlm_end_to_end_on_image_jigsaw_records(tmp_path):
     assert losses[-1] < losses[0]
     base, trained = load_model("tiny-qwen2.5-vl"), load_model(res.run / "checkpoint-3")
     recs = read_records(data)
-    assert completion_nll(trained, recs)[0].sum() < completion_nll(base, recs)[0].sum()
+    assert logp(trained, recs).sum() > logp(base, recs).sum()
     vb, vt = base.model.model.visual.state_dict(), trained.model.model.visual.state_dict()
     assert any(not torch.equal(vb[k], vt[k]) for k in vb)  # pixel_values reached the vision tower
 
