@@ -219,7 +219,7 @@ def test_resume_reaches_the_uninterrupted_weights(tmp_path):
     assert m["status"] == "completed" and m["resumes"][0]["from"] == "checkpoint-2"
 
 
-def test_lora_run_saves_an_adapter_that_load_model_reads(tmp_path):
+def test_lora_adapter_checkpoint_is_read_by_load_model_influence_and_eval(tmp_path):
     recs = sums(8)
     trainer, resume = build_sft_trainer(sft_config(tmp_path, max_steps=4, lora_r=4, learning_rate=3e-2), recs)
     res = run_trainer(trainer, trainer.args, resume, trainer.run_info)
@@ -235,6 +235,15 @@ def test_lora_run_saves_an_adapter_that_load_model_reads(tmp_path):
         got = lm.model(**inputs).logits
         base = load_model("tiny-llama").model(**inputs).logits
     assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, base, atol=1e-3)
+    # what `dynamics influence --ckpt` and `dynamics eval` run on it
+    from dynamics.evaluate import EvalConfig, run_eval
+    from dynamics.influence import InfluenceConfig, compute
+    from dynamics.probes import text_suite
+
+    table = compute(lm, recs[:2], recs[2:5], InfluenceConfig(params="lora", target="gold"), ckpt=str(ckpt), step=4)
+    assert len(table) == 6 and table["kernel"].abs().gt(0).all() and table["train_norm"].gt(0).all()
+    df = run_eval(res.run, [], text_suite()[:3], EvalConfig(task=None, progress=False), tmp_path / "eval")
+    assert set(df["step"]) == {4} and len(df) == 3 and df["logp_sum"].notna().all()
 
 
 def test_config_file_reaches_every_trl_option(tmp_path, cli):
