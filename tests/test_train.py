@@ -376,14 +376,26 @@ def test_sft_vlm_end_to_end_on_image_jigsaw_records(tmp_path):
     assert any(not torch.equal(vb[k], vt[k]) for k in vb)  # pixel_values reached the vision tower
 
 
-def test_rft_logged_rollouts_feed_sft(tmp_path):
-    """An RFT run's rollouts.jsonl is extracted (`dynamics rollouts --from-run`) and trains with SFT."""
+def test_rft_resumes_exactly_and_its_rollouts_feed_sft(tmp_path):
+    """An interrupted GRPO run resumes to the same weights and the same logged rollouts (sampling RNG restored);
+    its rollouts.jsonl is extracted (`dynamics rollouts --from-run`) and trains with SFT."""
     task = say_task()
-    cfg = load_config(RFTRunConfig, None, model="tiny-llama", output_dir=str(tmp_path / "rft"), max_steps=3,
-                      learning_rate=1e-2, num_generations=4, disable_tqdm=True, seed=0, checkpoint_every=2)
-    res = train_rft(cfg, task=task, records=task.build(12, 0))
-    assert res.checkpoints == [2, 3]
-    check_rollouts(res.run, task, steps=3, group=4, prompts=2)
+    recs = task.build(12, 0)
+
+    def cfg(name: str, **kw) -> RFTRunConfig:
+        return load_config(RFTRunConfig, None, model="tiny-llama", output_dir=str(tmp_path / name), max_steps=4,
+                           learning_rate=1e-2, num_generations=4, disable_tqdm=True, seed=0, checkpoint_every=2,
+                           **kw)
+
+    full = train_rft(cfg("full"), task=task, records=recs)
+    with pytest.raises(KeyboardInterrupt):
+        train_rft(cfg("rft"), task=task, records=recs, callbacks=[Interrupt(3)])
+    res = train_rft(cfg("rft", resume=True), task=task, records=recs)
+    assert res.checkpoints == [2, 4] and res.steps == 2
+    a, b = load_file(full.run / "checkpoint-4/model.safetensors"), load_file(res.run / "checkpoint-4/model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    assert read_jsonl_rows(res.run / "rollouts.jsonl") == read_jsonl_rows(full.run / "rollouts.jsonl")
+    check_rollouts(res.run, task, steps=4, group=4, prompts=2)
     path, summary = make_rollouts(RolloutsConfig(out=str(tmp_path / "r.jsonl"), from_run=str(res.run), steps="2:3"))
     recs = read_records(path)
     assert len(recs) == summary["kept"] == 16 and {r["step"] for r in recs} == {2, 3}
