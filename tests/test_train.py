@@ -265,6 +265,19 @@ def test_config_file_reaches_every_trl_option(tmp_path, cli):
         load_config(SFTRunConfig, None, output_dir=str(tmp_path / "r2"), optimizer_state="some")
 
 
+def test_rft_cli_on_jigsaw(tmp_path, cli):
+    out = cli("train", "rft", "--model", "tiny-llama", "--task", "jigsaw", "--task-args", "preset=text-0shot",
+              "--n-prompts", "4", "--out", str(tmp_path / "run"), "--max-steps", "1", "--group-size", "2",
+              "--max-new-tokens", "6", "--beta", "0.1", "--epsilon", "0.3", "--temperature", "0.9")
+    assert out.returncode == 0, out.stderr
+    assert "1 steps" in out.stdout and "checkpoints [1]" in out.stdout and "reward_mean" in out.stdout
+    cfg = json.loads((tmp_path / "run/manifest.json").read_text())["config"]
+    assert (cfg["beta"], cfg["epsilon"], cfg["temperature"], cfg["num_generations"]) == (0.1, 0.3, 0.9, 2)
+    assert cfg["per_device_train_batch_size"] == 4 and cfg["max_completion_length"] == 6
+    rows = read_jsonl_rows(tmp_path / "run/rollouts.jsonl")
+    assert len(rows) == 4 and all(r["meta"]["task"] == "jigsaw" and r["step"] == 1 for r in rows)
+
+
 def test_two_process_accelerate_launch(tmp_path):
     data = write_records(tmp_path / "train.jsonl", sums(16))
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
