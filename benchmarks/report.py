@@ -51,7 +51,9 @@ def write_figure(rows: list[dict], path: Path) -> None:
     if not groups:
         return
     models = list(dict.fromkeys(m for m, _ in groups))
-    fig, axes = plt.subplots(len(models), 2, figsize=(13, 4.6 * len(models)), squeeze=False)
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    fig, axes = plt.subplots(len(models), 2, figsize=(17, 4.8 * len(models)), squeeze=False)
     cmap = plt.get_cmap("tab20")
     names = list(dict.fromkeys(r["method"] for r in rows))
     for i, model in enumerate(models):
@@ -69,8 +71,14 @@ def write_figure(rows: list[dict], path: Path) -> None:
                                                else f"N_train = {fixed['n_train']}")
             ax.set_title(f"{model}: time against {SWEEPS[sweep]} ({other}, {fixed['n_probes'] if fixed else '?'}"
                          " probes)", fontsize=10)
+            sizes = sorted({x for xs, _ in _series(groups.get((model, sweep), []), sweep).values() for x in xs})
+            if sizes:
+                ax.set_xticks(sizes)
+                ax.xaxis.set_major_formatter(ScalarFormatter())
+                ax.xaxis.set_minor_formatter(NullFormatter())
             ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=6.5, loc="upper left")
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.suptitle("Train x probe gradient kernel: time against size (log-log; slope = fitted exponent)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
