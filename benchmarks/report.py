@@ -172,7 +172,7 @@ def write_results(reports: list[dict], path: Path, figure: Path) -> None:
            f"{reports[0]['started']}.", "",
            "Every method computes the train × probe kernel K[u, o] = ⟨g(u), g(o)⟩ (g: gradient of the summed "
            "completion log-likelihood) from the same encoded samples, in its own fresh subprocess after one "
-           "untimed forward. Time is that call's wall clock; memory is the subprocess's peak RSS above its RSS "
+           "untimed forward+backward on one sample. Time is that call's wall clock; memory is the subprocess's peak RSS above its RSS "
            "before the call (on CUDA: peak allocated GPU memory). Scopes: `linear` = every nn.Linear weight as "
            "used by its module (the tied output head as a head), `all` = every parameter, `body` = the linear "
            "layers of `model.base_model` (what bergson hooks). Each peer is compared with dynamics on its own "
