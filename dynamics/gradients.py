@@ -517,6 +517,13 @@ class Recorder:
 
     def _elementwise(self, use: Use, x: Tensor, grad: Tensor, L: Layout) -> Tensor:
         """Σ_t δ_t ∘ ∂y_t/∂w for a module whose output channel k depends on w_k only (a norm's scale)."""
+        dy = _norm_partial(use.module, use.role, x)
+        if dy is None:
+            dy = self._jvp_partial(use, x)
+        return (L.to_rows(self._cast(grad)) * L.to_rows(self._cast(dy))).sum(1)
+
+    def _jvp_partial(self, use: Use, x: Tensor) -> Tensor:
+        """∂y/∂w by a forward-mode JVP of the module with tangent 1 for every w_k (any element-wise scale)."""
         from torch.func import functional_call, jvp
 
         module = use.module
@@ -531,7 +538,7 @@ class Recorder:
             _, dy = jvp(f, (w,), (torch.ones_like(w),))
         finally:
             self._reentrant = False
-        return (L.to_rows(self._cast(grad)) * L.to_rows(self._cast(dy))).sum(1)
+        return dy
 
     def _emit(self, key: tuple[str, int]) -> None:
         parts = self._parts.pop(key)
@@ -584,6 +591,21 @@ def apply_delta(pg: ParamGrad, delta: Tensor) -> Tensor:
         v = (rows * inp).sum((1, 2))
         total = v if total is None else total + v
     return total
+
+
+def _norm_partial(module: nn.Module, role: str, x: Tensor) -> Tensor | None:
+    """∂y/∂w in closed form for the usual norms: RMSNorm y = w ∘ x̂ (or (1 + w) ∘ x̂), x̂ = x / √(mean x² + ε),
+    cast to the input dtype as HF does; LayerNorm y = w ∘ (x − μ)/√(σ² + ε) + b. None for anything else."""
+    name = type(module).__name__
+    if isinstance(module, nn.LayerNorm):
+        if role == "bias":
+            return torch.ones_like(x)
+        return torch.nn.functional.layer_norm(x, module.normalized_shape, eps=module.eps)
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    if name.endswith("RMSNorm") and role == "weight" and eps is not None and x.shape[-1] == module.weight.shape[0]:
+        xf = x.to(torch.float32)
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return None
 
 
 # --------------------------------------------------------------------------------------------- cost model
@@ -661,7 +683,8 @@ class Projector:
     block by block from the seed, never stored); Var⟨φ(g),φ(h)⟩ ≤ 2‖g‖²‖h‖²/k, so cosine errors have standard
     deviation ≤ √(2/k).
     ``kind="kron"`` (LoGra-style): per low-rank parameter, φ(Δᵀ A) = (Δ P_out)ᵀ (A P_in) with Gaussian
-    P_out ∈ ℝ^{d_out×k_o}, P_in ∈ ℝ^{d_in×k_i}, k_o·k_i ≈ k; built inside the hooks, never materialising G.
+    P_out ∈ ℝ^{d_out×k_o}, P_in ∈ ℝ^{d_in×k_i}, k_o·k_i ≈ k; built inside the hooks, never materialising G; a side
+    no wider than its k is kept exactly (P = I). Var_l ≤ (2/k_o + 2/k_i + 4/(k_o k_i))‖G‖²‖H‖² (projected sides only).
     Dense parts (norms, biases) are kept exactly when they have at most k entries, else JL-projected.
     """
 
@@ -687,15 +710,15 @@ class Projector:
         k_i = max(1, min(d_in, self.dim // k_o))
         dtype = (g.terms[0].inp.dense if g.terms[0].inp.dense is not None else g.terms[0].out.dense).dtype
         key = ("kron", i, dtype)
-        if key not in self._cache:
-            p_out = _gaussian((d_out, k_o), self.seed * 1_000_003 + 2 * i, dtype) / math.sqrt(k_o)
-            p_in = _gaussian((d_in, k_i), self.seed * 1_000_003 + 2 * i + 1, dtype) / math.sqrt(k_i)
+        if key not in self._cache:  # a side no wider than its k is kept exactly (identity): no error there
+            p_out = None if k_o >= d_out else _gaussian((d_out, k_o), self.seed * 1_000_003 + 2 * i, dtype) / math.sqrt(k_o)
+            p_in = None if k_i >= d_in else _gaussian((d_in, k_i), self.seed * 1_000_003 + 2 * i + 1, dtype) / math.sqrt(k_i)
             self._cache[key] = (p_out, p_in)
         p_out, p_in = self._cache[key]
         total = 0
         for t in g.terms:
-            po = _project_factor(t.out, p_out)
-            pi = _project_factor(t.inp, p_in)
+            po = _project_factor(t.out, p_out, dtype)
+            pi = _project_factor(t.inp, p_in, dtype)
             total = total + torch.einsum("bto,bti->boi", po, pi).reshape(po.shape[0], -1)
         return total
 
@@ -706,13 +729,21 @@ class Projector:
             return g
         out = g.new_zeros(g.shape[0], k)
         block = max(1, (1 << 22) // k)
+        cache = n * k * g.element_size() <= (1 << 28)  # keep R when it is small (256 MiB), else regenerate it
         for j, start in enumerate(range(0, n, block)):
-            r = _gaussian((min(block, n - start), k), self.seed * 1_000_003 + 7919 * (i + 1) + j, g.dtype)
+            key = ("jl", i, j, g.dtype)
+            r = self._cache.get(key)
+            if r is None:
+                r = _gaussian((min(block, n - start), k), self.seed * 1_000_003 + 7919 * (i + 1) + j, g.dtype)
+                if cache:
+                    self._cache[key] = r
             out += g[:, start:start + block] @ r
         return out / math.sqrt(k)
 
 
-def _project_factor(f: Factor, proj: Tensor) -> Tensor:
+def _project_factor(f: Factor, proj: Tensor | None, dtype: torch.dtype) -> Tensor:
+    if proj is None:
+        return f.to_dense(dtype)
     if f.dense is not None:
         return f.dense @ proj
     rows = proj[f.ids.clamp(min=0)]

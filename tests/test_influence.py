@@ -171,7 +171,8 @@ def test_projected_mode_error_within_bound(tiny64, projection):
             d_out, d_in = p.shape[0], p[0].numel()
             k_o = max(1, min(d_out, round(math.sqrt(k))))
             k_i = max(1, min(d_in, k // k_o))
-            c = 0.0 if p.dim() == 1 else 2 / k_o + 2 / k_i + 4 / (k_o * k_i)
+            po, pi = k_o < d_out, k_i < d_in  # a side no wider than its k is kept exactly
+            c = 0.0 if p.dim() == 1 else (2 / k_o) * po + (2 / k_i) * pi + 4 / (k_o * k_i) * (po and pi)
             var += c * gt[:, start:start + n].norm(dim=1)[:, None] ** 2 * gp[:, start:start + n].norm(dim=1)[None] ** 2
             start += n
         sigma = var.sqrt()
