@@ -167,9 +167,14 @@ def read_records(path: str | os.PathLike, require_completion: bool = True) -> li
     return records
 
 
-def write_records(path: str | os.PathLike, records: Sequence[dict]) -> Path:
-    """Write records atomically as JSONL (or parquet, by suffix)."""
+def write_records(path: str | os.PathLike, records: Sequence[dict], relative_images: bool = False) -> Path:
+    """Write records atomically as JSONL (or parquet, by suffix); ``relative_images`` writes image paths
+    relative to the file's folder (so that the file and its images can move together)."""
     path = Path(path)
+    if relative_images:
+        base = path.parent.resolve()
+        records = [{**r, "images": [os.path.relpath(Path(p).resolve(), base) for p in r["images"]]}
+                   if r.get("images") else r for r in records]
     with atomic_path(path) as tmp:
         if path.suffix == ".parquet":
             import pyarrow as pa

@@ -517,16 +517,11 @@ def make_task(preset: str | None = None, **overrides: Any) -> Task:
 def write_dataset(cfg: JigsawConfig, n: int, seed: int, out: str | Path) -> list[dict]:
     """Build ``n`` puzzles and write them to ``out`` (JSONL or parquet). Image-form PNGs go to
     ``cfg.image_dir`` or ``<out stem>_images/`` beside ``out``, referenced relative to ``out``'s folder."""
-    import os
-
     from dynamics.data import write_records
 
     out = Path(out)
     if cfg.form == "image" and cfg.image_dir is None:
         cfg = JigsawConfig(**{**asdict(cfg), "image_dir": str(out.parent / f"{out.stem}_images")})
     records = build(cfg, n, seed)
-    base = out.parent.resolve()
-    written = [{**r, "images": [os.path.relpath(p, base) for p in r["images"]]} if "images" in r else r
-               for r in records]
-    write_records(out, written)
+    write_records(out, records, relative_images=True)
     return records
