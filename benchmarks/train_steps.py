@@ -5,7 +5,8 @@ records; GRPO about 7 s/step with 2 prompts x 8 completions and the jigsaw text 
 Each run trains ``--steps`` steps after one warm-up step (not counted); the step times come from the run's
 ``metrics.jsonl`` (time between consecutive logged steps), so checkpoint saving is outside them.
 
-    python -m benchmarks.train_steps [--model default] [--steps 4] [--no-bf16] [--threads N] [--json out.json]
+    python -m benchmarks.train_steps [--model default] [--steps 4] [--no-bf16] [--threads N] [--task-args ...]
+                                     [--json out.json]
 
 On a machine shared with other jobs, OpenMP threads waiting for descheduled siblings inflate these times
 several-fold; compare with ``--threads 1`` and report the load average printed with the result.
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 from dynamics.store import read_jsonl_rows
-from dynamics.tasks import get_task
+from dynamics.tasks import get_task, parse_task_args
 from dynamics.train.rft import RFTRunConfig, train_rft
 from dynamics.train.run import load_config
 from dynamics.train.sft import SFTRunConfig, train_sft
@@ -41,15 +42,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--no-bf16", action="store_true")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    ap.add_argument("--task-args", default="", help="jigsaw options, e.g. preset=text-0shot")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     bf16 = not args.no_bf16
-    task = get_task("jigsaw")
+    task = get_task("jigsaw", **parse_task_args(args.task_args))
     common = dict(model=args.model, max_steps=args.steps + 1, bf16=bf16, disable_tqdm=True, seed=0,
                   optimizer_state="none", checkpoint_schedule="none", overwrite=True)
-    out = {"model": args.model, "bf16": bf16, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+    out = {"model": args.model, "task_args": args.task_args, "bf16": bf16, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
            "load_avg": os.getloadavg()}
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -59,7 +61,7 @@ def main() -> None:
         out["sft_s_per_step"] = statistics.median(step_times(sft.run))
         t0 = time.perf_counter()
         rft = train_rft(load_config(RFTRunConfig, None, output_dir=f"{tmp}/rft", n_prompts=2 * (args.steps + 1),
-                                    **common))
+                                    task_args=args.task_args, **common))
         out["rft_total_s"] = time.perf_counter() - t0
         out["rft_s_per_step"] = statistics.median(step_times(rft.run))
     out["load_avg_end"] = os.getloadavg()
