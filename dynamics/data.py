@@ -77,6 +77,14 @@ def _messages(value: Any, role: str, file: Path | str, line: int, field: str) ->
     return out
 
 
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False for names the OS refuses (too long, NUL bytes) instead of raising."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def record_id(record: dict) -> str:
     """A stable id from the record's content (prompt, completion, images): 16 hex digits of SHA-256."""
     key = json.dumps([record.get("prompt"), record.get("completion"), record.get("images")], sort_keys=True,
@@ -112,7 +120,7 @@ def validate_record(
             if not isinstance(img, str):
                 raise DynamicsError("image paths must be strings", file=file, line=line, field=f"images[{i}]")
             path = (base / img) if not os.path.isabs(img) else Path(img)
-            if not path.is_file():
+            if not _is_file(path):
                 raise DynamicsError(f"image not found: {img}", file=file, line=line, field=f"images[{i}]")
             images.append(str(path.resolve()))
         rec["images"] = images
@@ -134,23 +142,26 @@ def _raw_rows(path: Path) -> Iterable[tuple[int, Any]]:
         for i, row in enumerate(table.to_pylist(), start=1):
             yield i, {k: v for k, v in row.items() if v is not None}
         return
-    with open(path, encoding="utf-8") as fh:
-        try:
-            for i, text in enumerate(fh, start=1):
-                if not text.strip():
-                    continue
-                try:
-                    yield i, json.loads(text)
-                except json.JSONDecodeError as e:
-                    raise DynamicsError(f"invalid JSON: {e.msg} (column {e.colno})", file=path, line=i) from None
-        except UnicodeDecodeError:
-            raise DynamicsError("not UTF-8 text", file=path) from None
+    with open(path, "rb") as fh:
+        for i, raw in enumerate(fh, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DynamicsError(f"not UTF-8 text (byte {e.start + 1})", file=path, line=i) from None
+            if not text.strip():
+                continue
+            try:
+                yield i, json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DynamicsError(f"invalid JSON: {e.msg} (column {e.colno})", file=path, line=i) from None
+            except (ValueError, RecursionError) as e:  # an integer past Python's digit limit, too deep nesting
+                raise DynamicsError(f"invalid JSON: {str(e).split(':')[0]}", file=path, line=i) from None
 
 
 def read_records(path: str | os.PathLike, require_completion: bool = True) -> list[dict]:
     """Read and validate every record of a JSONL or parquet file; ids must be unique."""
     path = Path(path)
-    if not path.is_file():
+    if not _is_file(path):
         raise DynamicsError("file not found", file=path)
     if path.suffix not in (".jsonl", ".json", ".parquet"):
         raise DynamicsError("expected a .jsonl or .parquet file", file=path)

@@ -33,11 +33,13 @@ positions.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -706,13 +708,26 @@ def _inputs(job: InfluenceRun) -> tuple[list[dict], list[dict], list, list[list[
     return train, probes, ckpts, blocks, shards
 
 
+@contextlib.contextmanager
+def _naming_file(job: InfluenceRun, block: Sequence[dict]) -> Iterator[None]:
+    """Add the records file to an error about one record that names none (e.g. a prompt longer than the
+    model's context): the training file if the record is in ``block``, else the probes file."""
+    try:
+        yield
+    except DynamicsError as e:
+        named = re.search(r"\(record (.+)\)$", e.field or "")
+        if e.file is not None or not named:
+            raise
+        file = job.train if named.group(1) in {r["id"] for r in block} else job.probes
+        raise DynamicsError(e.message, file=file, line=e.line, field=e.field) from None
+
+
 def compute_shards(job: InfluenceRun, rank: int = 0, world: int = 1,
                    progress_factory: Callable[[str, int], Callable[[int], None]] | None = None) -> dict[str, float]:
     """Compute this rank's unfinished shards (index ≡ rank mod world), each written atomically."""
     from dynamics.models import load_model
 
-    train, probes, ckpts, blocks, shards = _inputs(job)
-    Path(job.out, "shards").mkdir(parents=True, exist_ok=True)
+    train, probes, ckpts, blocks, shards = _inputs(job)  # atomic_path makes OUT/shards with the first shard
     timings = {"load": 0.0, "compute": 0.0, "write": 0.0}
     mine = [s for s in shards if s.index % world == rank]
     if not job.resume:
@@ -733,12 +748,13 @@ def compute_shards(job: InfluenceRun, rank: int = 0, world: int = 1,
         block = blocks[s.block]
         tick = progress_factory(f"{s.ckpt.name} [{s.block + 1}/{len(blocks)}]", len(block)) if progress_factory \
             else None
-        if job.config.mode == "projected":
-            df = _projected_block(lm, block, probes, job, s.ckpt, tick)
-        else:
-            df = compute(lm, block, probes, job.config, ckpt=s.ckpt.name, step=s.ckpt.step, progress=tick)
-        tokens = per_token_kernel(lm, block, probes, job.config, s.ckpt.name, s.ckpt.step) \
-            if job.config.per_token else None
+        with _naming_file(job, block):
+            if job.config.mode == "projected":
+                df = _projected_block(lm, block, probes, job, s.ckpt, tick)
+            else:
+                df = compute(lm, block, probes, job.config, ckpt=s.ckpt.name, step=s.ckpt.step, progress=tick)
+            tokens = per_token_kernel(lm, block, probes, job.config, s.ckpt.name, s.ckpt.step) \
+                if job.config.per_token else None
         timings["compute"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         if tokens is not None:

@@ -1,0 +1,271 @@
+"""Bad input never crashes: random and corrupted records fed to the readers give either a clean result or a
+DynamicsError with a message (never another exception), and the CLI answers a bad file with one line
+``error: FILE...`` and exit status 2, no traceback and no output file."""
+
+from __future__ import annotations
+
+import json
+import string
+import sys
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dynamics.analyses.loader import read_jsonl_table
+from dynamics.data import read_records, write_records
+from dynamics.errors import DynamicsError
+from dynamics.probes import load_probes
+
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+GOOD = {"id": "a", "prompt": [{"role": "user", "content": "2+2?"}],
+        "completion": [{"role": "assistant", "content": "4"}], "answer": "4", "meta": {"category": "arith"}}
+
+# any JSON value, including huge integers and deep nesting
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-10**30, max_value=10**30) | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12)
+messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "bot", 3, None]),
+                                           "content": json_values | st.text(max_size=10)}), max_size=3)
+field_values = {
+    "id": json_values | st.text(max_size=10) | st.integers(min_value=10**18, max_value=10**40),
+    "prompt": json_values | messages | st.text(max_size=10),
+    "completion": json_values | messages | st.text(max_size=10),
+    "images": json_values | st.lists(st.text(max_size=12) | st.just("x" * 300) | st.just("a\x00b.png"), max_size=2),
+    "meta": json_values,
+    "answer": json_values,
+    "reward": json_values,
+    "advantage": json_values,
+    "step": json_values,
+}
+
+
+@st.composite
+def records(draw):
+    """A record built from GOOD with some fields replaced by random values or removed."""
+    rec = dict(GOOD, id=draw(st.text(string.ascii_letters, min_size=1, max_size=6)))
+    for name in draw(st.lists(st.sampled_from(sorted(field_values)), max_size=4, unique=True)):
+        if draw(st.booleans()):
+            rec[name] = draw(field_values[name])
+        else:
+            rec.pop(name, None)
+    return rec
+
+
+def corrupt(text: bytes, how: str, at: int) -> bytes:
+    """Damage serialized records: cut them, insert random bytes, or make them non-UTF-8."""
+    at = at % (len(text) + 1)
+    return {"truncate": text[:at], "garbage": text[:at] + b"\x00\xff{]\"" + text[at:],
+            "latin1": text[:at] + "é".encode("latin-1") + text[at:], "none": text, "empty": b""}[how]
+
+
+def clean_or_error(fn, *args, **kwargs):
+    """Call ``fn``; a DynamicsError must carry a one-line message, anything else fails the test."""
+    try:
+        return fn(*args, **kwargs)
+    except DynamicsError as e:
+        assert e.message and "\n" not in str(e)
+        return e
+
+
+def records_file(tmp_path, name, rows, how="none", at=0):
+    path = tmp_path / name
+    text = "".join(json.dumps(r, allow_nan=True) + "\n" for r in rows).encode()
+    path.write_bytes(corrupt(text, how, at))
+    return path
+
+
+HOW = st.sampled_from(["none", "none", "truncate", "garbage", "latin1", "empty"])
+
+
+@SETTINGS
+@given(rows=st.lists(records(), max_size=4), how=HOW, at=st.integers(0, 10**6))
+def test_read_records_random_and_corrupted(tmp_path, rows, how, at):
+    path = records_file(tmp_path, "r.jsonl", rows, how, at)
+    out = clean_or_error(read_records, path)
+    if isinstance(out, list):  # a clean result is a list of normalised records with unique string ids
+        assert out and len({r["id"] for r in out}) == len(out)
+        assert all(isinstance(r["prompt"], list) and isinstance(r["completion"], list) for r in out)
+    else:
+        assert out.file == str(path)
+
+
+@SETTINGS
+@given(data=st.binary(max_size=200), suffix=st.sampled_from([".jsonl", ".parquet", ".json"]))
+def test_read_records_random_bytes(tmp_path, data, suffix):
+    path = tmp_path / f"r{suffix}"
+    path.write_bytes(data)
+    out = clean_or_error(read_records, path)
+    assert isinstance(out, DynamicsError) and out.file == str(path)
+
+
+@SETTINGS
+@given(rows=st.lists(records(), min_size=1, max_size=3))
+def test_read_records_parquet_with_wrong_columns(tmp_path, rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "r.parquet"
+    try:  # pyarrow cannot store every mix of types in one column: such rows are not a parquet file at all
+        table = pa.Table.from_pylist([{k: json.dumps(v) if k == "meta" else v for k, v in r.items()} for r in rows])
+        pq.write_table(table, path)
+    except (pa.ArrowException, OverflowError):
+        return
+    out = clean_or_error(read_records, path)
+    if isinstance(out, DynamicsError):  # meta stored as a JSON string is a wrong type, named as such
+        assert out.file == str(path)
+
+
+def test_read_records_huge_integer_id_and_non_utf8(tmp_path):
+    p = tmp_path / "big.jsonl"
+    p.write_text('{"id": ' + "9" * 5000 + ', "prompt": "x", "completion": "y"}\n')
+    e = clean_or_error(read_records, p)
+    assert isinstance(e, DynamicsError) and e.line == 1
+    p.write_bytes(json.dumps(GOOD).encode() + b"\n" + b'{"prompt": "\xff\xfe"}\n')
+    e = clean_or_error(read_records, p)
+    assert isinstance(e, DynamicsError) and e.line == 2 and "UTF-8" in e.message
+
+
+@SETTINGS
+@given(rows=st.lists(records(), max_size=4), how=HOW, at=st.integers(0, 10**6))
+def test_load_probes_random_and_corrupted(tmp_path, rows, how, at):
+    path = records_file(tmp_path, "p.jsonl", rows, how, at)
+    out = clean_or_error(load_probes, path)
+    if isinstance(out, list):
+        assert all(isinstance(r["answer"], str) and r["answer"].strip() for r in out)
+
+
+@SETTINGS
+@given(rows=st.lists(st.dictionaries(st.sampled_from(["step", "loss", "lr", "x"]), json_values, max_size=4)
+                     | json_values, max_size=5),
+       how=HOW, at=st.integers(0, 10**6))
+def test_read_jsonl_table_random_and_corrupted(tmp_path, rows, how, at):
+    path = records_file(tmp_path, "metrics.jsonl", rows, how, at)
+    out = clean_or_error(read_jsonl_table, path, required=("step",), numeric=lambda c: c in ("step", "loss"))
+    if not isinstance(out, DynamicsError):
+        assert "step" in out.columns and len(out) >= 1
+
+
+# ------------------------------------------------------------------------------------------------ the CLI
+def bad_files(tmp_path):
+    """One broken file of each kind, with what its error must say besides the file name."""
+    good = write_records(tmp_path / "good.jsonl", [GOOD, {**GOOD, "id": "b"}])
+    cases = {
+        "truncated.jsonl": (json.dumps(GOOD) + "\n" + json.dumps(GOOD)[:20] + "\n", ":2:"),
+        "wrongtype.jsonl": (json.dumps({**GOOD, "meta": "oops"}) + "\n", "field 'meta'"),
+        "empty.jsonl": ("", "empty"),
+        "noprompt.jsonl": (json.dumps({"id": "x", "completion": "y", "answer": "1"}) + "\n", "field 'prompt'"),
+    }
+    out = {}
+    for name, (text, must) in cases.items():
+        (tmp_path / name).write_text(text)
+        out[name] = (tmp_path / name, must)
+    (tmp_path / "notutf8.jsonl").write_bytes(b'{"prompt": "\xff"}\n')
+    out["notutf8.jsonl"] = (tmp_path / "notutf8.jsonl", "UTF-8")
+    return good, out
+
+
+def assert_clean_error(code: int, stderr: str, name: str, must: str, out) -> None:
+    assert code == 2, stderr
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    assert name in lines[0] and must in lines[0], lines[0]
+    assert not out.exists(), f"{out} left behind"
+
+
+@pytest.fixture
+def main_in_process(monkeypatch, capsys):
+    """Run ``dynamics ARGS`` through the CLI's own entry point in this process (no interpreter start-up);
+    any exception other than the clean exit fails the test. Returns (exit code, stderr)."""
+    from dynamics.cli.main import main
+
+    def run(*args: str) -> tuple[int, str]:
+        monkeypatch.setattr(sys, "argv", ["dynamics", *args])
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as done:
+            main()
+        return done.value.code, capsys.readouterr().err
+
+    return run
+
+
+def test_cli_rejects_bad_files_cleanly(tmp_path, main_in_process, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    good, bad = bad_files(tmp_path)
+    out = tmp_path / "out"
+    trunc, must = bad["truncated.jsonl"]
+    jobs = [(["data", "check", str(path)], name, why) for name, (path, why) in bad.items()]
+    jobs += [
+        (["influence", "--ckpt", "tiny-llama", "--train", str(trunc), "--probes", str(good), "--out", str(out)],
+         "truncated.jsonl", must),
+        (["influence", "--ckpt", "tiny-llama", "--train", str(good), "--probes", str(bad["empty.jsonl"][0]),
+          "--out", str(out)], "empty.jsonl", "empty"),
+        (["train", "sft", "--model", "tiny-llama", "--data", str(bad["wrongtype.jsonl"][0]), "--out", str(out),
+          "--max-steps", "1"], "wrongtype.jsonl", "field 'meta'"),
+        (["rollouts", "--model", "tiny-llama", "--data", str(bad["noprompt.jsonl"][0]), "--out",
+          str(out / "r.jsonl")], "noprompt.jsonl", "field 'prompt'"),
+        (["eval", "--model", "tiny-llama", "--task-data", str(trunc), "--probes", str(good), "--out", str(out)],
+         "truncated.jsonl", must),
+        (["eval", "--model", "tiny-llama", "--no-task", "--probes", str(bad["notutf8.jsonl"][0]), "--out",
+          str(out)], "notutf8.jsonl", "UTF-8"),
+        (["probes", "build", "--model", "tiny-llama", "--suite", str(trunc), "--out", str(out / "p.jsonl")],
+         "truncated.jsonl", must),
+        (["select", "--model", "tiny-llama", "--data", str(trunc), "--probes", str(good), "--out",
+          str(out / "k.jsonl")], "truncated.jsonl", must),
+        (["compare", "--data", str(good), "--data", str(trunc), "--out", str(out)], "truncated.jsonl", must),
+    ]
+    for args, name, why in jobs:
+        assert_clean_error(*main_in_process(*args), name, why, out)
+
+
+@pytest.mark.parametrize("args,must", [
+    (["influence", "--ckpt", "no-such-model-xyz", "--train", "{good}", "--probes", "{good}", "--out", "{out}"],
+     "no-such-model-xyz"),
+    (["influence", "--ckpt", "{tmp}/missing-ckpt", "--train", "{good}", "--probes", "{good}", "--out", "{out}"],
+     "missing-ckpt"),
+    (["influence", "--ckpt", "tiny-llama", "--train", "{good}", "--probes", "{good}", "--out", "{out}",
+      "--reduce", "median"], "reduce"),
+    (["influence", "--ckpt", "tiny-llama", "--train", "{good}", "--probes", "{good}", "--out", "{out}",
+      "--launcher", "slurm"], "launcher"),
+    (["eval", "--model", "{tmp}/missing-ckpt", "--no-task", "--probes", "{good}", "--out", "{out}"], "missing-ckpt"),
+    (["rollouts", "--model", "tiny-llama", "--data", "{good}", "--keep", "some", "--out", "{out}/r.jsonl"], "keep"),
+    (["rollouts", "--model", "tiny-llama", "--data", "{good}", "--samples", "0", "--out", "{out}/r.jsonl"],
+     "samples"),
+])
+def test_cli_rejects_bad_specs_and_options(tmp_path, main_in_process, monkeypatch, args, must):
+    monkeypatch.chdir(tmp_path)
+    good = write_records(tmp_path / "good.jsonl", [GOOD, {**GOOD, "id": "b"}])
+    out = tmp_path / "out"
+    args = [a.format(good=good, out=out, tmp=tmp_path) for a in args]
+    assert_clean_error(*main_in_process(*args), "", must, out)
+
+
+def test_cli_rejects_undecodable_image_and_long_prompt(tmp_path, main_in_process, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    img = write_records(tmp_path / "img.jsonl", [{**GOOD, "images": ["broken.png"]}])
+    out = tmp_path / "out"
+    code, err = main_in_process("influence", "--ckpt", "tiny-qwen2.5-vl", "--train", str(img), "--probes", str(img),
+                                "--out", str(out))
+    assert_clean_error(code, err, "broken.png", "decode", out)
+    long = write_records(tmp_path / "long.jsonl", [{**GOOD, "prompt": "word " * 5000}])
+    code, err = main_in_process("influence", "--ckpt", "tiny-llama", "--train", str(long), "--probes", str(long),
+                                "--out", str(out))
+    assert_clean_error(code, err, "long.jsonl", "context", out)
+
+
+def test_cli_subprocess_prints_one_line_and_exits_2(tmp_path, cli):
+    """End to end through the installed module: the interpreter's own stderr shows no traceback."""
+    good, bad = bad_files(tmp_path)
+    out = tmp_path / "out"
+    trunc, must = bad["truncated.jsonl"]
+    for args, name, why in [
+        (["influence", "--ckpt", "tiny-llama", "--train", str(trunc), "--probes", str(good), "--out", str(out)],
+         "truncated.jsonl", must),
+        (["train", "sft", "--model", "tiny-llama", "--data", str(bad["empty.jsonl"][0]), "--out", str(out)],
+         "empty.jsonl", "empty"),
+    ]:
+        res = cli(*args, cwd=tmp_path)
+        assert_clean_error(res.returncode, res.stderr, name, why, out)
