@@ -428,16 +428,32 @@ def compute(
     return kernel_table(K, tn, pn, [r["id"] for r in train], [p["id"] for p in probes], ckpt, step)
 
 
+def check_finite(K: Tensor, train_norm: Tensor, probe_norm: Tensor, train_ids: Sequence[str],
+                 probe_ids: Sequence[str], ckpt: str = "") -> None:
+    """Raise naming every sample whose gradient (norm) or kernel row/column is NaN or inf -- a probe whose
+    gradient is not finite spoils its whole column, a training sample its row -- so that no non-finite value
+    lands silently in the table."""
+    bad_probe = ~torch.isfinite(probe_norm)
+    bad_train = ~torch.isfinite(train_norm)
+    cells = ~torch.isfinite(K) & ~bad_train[:, None] & ~bad_probe[None, :]  # non-finite with finite norms
+    bad_train |= cells.any(dim=1)
+    if not (bad_train.any() or bad_probe.any()):
+        return
+    parts = []
+    for what, ids, mask in (("training samples", train_ids, bad_train), ("probes", probe_ids, bad_probe)):
+        if mask.any():
+            parts.append(f"{what} {', '.join(str(ids[i]) for i in mask.nonzero().flatten().tolist())}")
+    where = f" at {ckpt}" if ckpt else ""
+    raise DynamicsError(f"non-finite gradients (NaN/inf){where} for {'; '.join(parts)}", field="kernel")
+
+
 def kernel_table(K: Tensor, train_norm: Tensor, probe_norm: Tensor, train_ids: Sequence[str],
                  probe_ids: Sequence[str], ckpt: str = "", step: int = 0) -> pd.DataFrame:
     """Long-format table of a kernel matrix with cosines and norms (the ``influence.parquet`` rows)."""
     n, p = K.shape
+    check_finite(K, train_norm, probe_norm, train_ids, probe_ids, ckpt)
     denom = (train_norm[:, None] * probe_norm[None, :]).clamp(min=1e-300)
     cos = (K / denom).numpy()
-    bad = ~np.isfinite(K.numpy())
-    if bad.any():
-        i, j = np.argwhere(bad)[0]
-        raise FloatingPointError(f"non-finite kernel for train sample {train_ids[i]} and probe {probe_ids[j]}")
     return pd.DataFrame({
         "ckpt": ckpt,
         "step": np.int64(step),

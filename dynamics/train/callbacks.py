@@ -6,6 +6,7 @@ Only the main process writes; in a multi-process run the others wait at a barrie
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from dynamics.errors import DynamicsError
 from dynamics.models import LoadedModel
 from dynamics.store import append_jsonl, atomic_path
 from dynamics.train.schedules import checkpoint_steps
@@ -43,6 +45,75 @@ class MetricsCallback(TrainerCallback):
         row.update({k: v for k, v in logs.items() if k not in METRIC_NAMES})
         row["time"] = round(time.time(), 3)
         append_jsonl(self.path, row)
+
+
+class FiniteCheckCallback(TrainerCallback):
+    """Stop at the first step whose gradients, loss or gradient norm are NaN/inf, with an error naming the step
+    and the samples of its batch whose logits (or per-token log-probabilities) are not finite (or, when none is
+    singled out, the whole batch).
+
+    A forward hook notes, for each training micro-batch, its token ids and whether each row's logits are
+    finite (one reduction per row); gradients are checked before the optimizer step, so the weights (and the
+    last checkpoint) stay finite. Rows are matched back to record ids through the training set's
+    ``input_ids`` (SFT); RFT batches are the model's own samples and are reported by position.
+    """
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
+        self.handle: Any = None
+
+    def _record(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        ids = kwargs.get("input_ids")
+        # per-token outputs: logits, or what TRL's fused LM head returns instead of them
+        logits = next((v for v in (getattr(output, k, None) for k in ("logits", "log_probs", "entropy"))
+                       if isinstance(v, torch.Tensor) and v.dim() >= 2), None)
+        if not (module.training and torch.is_grad_enabled()) or logits is None or ids is None:
+            return
+        finite = torch.isfinite(logits.detach().sum(dim=tuple(range(1, logits.dim())), dtype=torch.float32))
+        mask = kwargs.get("attention_mask")
+        self.rows.append((ids.detach().cpu(), None if mask is None else mask.detach().cpu(), finite.cpu()))
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if model is not None and self.handle is None:
+            self.handle = model.register_forward_hook(self._record, with_kwargs=True)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+    def _samples(self, dataset: Any) -> str:
+        """The ids of the batch's samples with non-finite logits (else of all its samples)."""
+        keys = []  # (token ids without padding, logits finite)
+        for ids, mask, finite in self.rows:
+            for r in range(ids.shape[0]):
+                row = ids[r] if mask is None else ids[r][mask[r].bool()]
+                keys.append((tuple(row.tolist()), bool(finite[r])))
+        bad = [k for k, ok in keys if not ok]
+        chosen, which = (bad, "with non-finite logits") if bad else ([k for k, _ in keys], "of the batch")
+        if not chosen:
+            return ""
+        known = {}
+        if dataset is not None and {"id", "input_ids"} <= set(getattr(dataset, "column_names", ())):
+            known = {tuple(t): i for t, i in zip(dataset["input_ids"], dataset["id"], strict=True)}
+        if known and all(k in known for k in chosen):
+            return f"; samples {which}: {', '.join(sorted({known[k] for k in chosen}))}"
+        return f"; {len(chosen)} of {len(keys)} sequences {which}"
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None,
+                              train_dataloader: Any = None, **kwargs: Any) -> None:
+        grads = [p.grad for p in (model.parameters() if model is not None else ()) if p.grad is not None]
+        if grads and not all(bool(torch.isfinite(g).all()) for g in grads):
+            dataset = getattr(train_dataloader, "dataset", None)
+            raise DynamicsError(f"non-finite gradient (NaN/inf) at step {state.global_step + 1}"
+                                f"{self._samples(dataset)}", field="grad_norm")
+        self.rows.clear()
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        for key in ("loss", "grad_norm"):
+            value = (logs or {}).get(key)
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                raise DynamicsError(f"non-finite {key} ({value}) at step {state.global_step}", field=key)
 
 
 class CheckpointScheduleCallback(TrainerCallback):
@@ -139,6 +210,6 @@ def run_callbacks(config: Any, lm: LoadedModel, extra: Any = (), task: str | Non
     """The callbacks every run gets (metrics, checkpoint schedule, in-run evaluation if asked) + ``extra``."""
     run = Path(config.output_dir)
     ev = eval_callback(config, lm, run, task, task_args)
-    return [MetricsCallback(run / "metrics.jsonl"),
+    return [FiniteCheckCallback(), MetricsCallback(run / "metrics.jsonl"),
             CheckpointScheduleCallback(config.checkpoint_schedule, config.checkpoint_every),
             *([ev] if ev else []), *extra]
