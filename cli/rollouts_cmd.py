@@ -30,6 +30,8 @@ def rollouts(
     keep: str = typer.Option("all", "--keep", help="all, or correct: only rollouts with accuracy 1 (SFT-ready)."),
     from_run: Path | None = typer.Option(None, "--from-run", help="Extract the rollouts an RFT run logged instead."),
     steps: str | None = typer.Option(None, "--steps", help="With --from-run: step range A:B (inclusive)."),
+    shard_size: int = typer.Option(64, "--shard-size", help="Prompts per resumable shard."),
+    resume: bool = typer.Option(False, "--resume", help="Keep the finished shards of an interrupted run."),
 ) -> None:
     """Sample K completions per prompt and score them with the task reward, or extract an RFT run's rollouts;
     write them as records with reward (and advantage, step)."""
@@ -39,7 +41,7 @@ def rollouts(
         out=str(out), model=model, task=task, task_args=task_args, data=str(data) if data else None,
         n_prompts=n_prompts, prompts_seed=prompts_seed, samples=samples, temperature=temperature, top_p=top_p,
         max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, bf16=bf16, keep=keep,
-        from_run=str(from_run) if from_run else None, steps=steps))
+        from_run=str(from_run) if from_run else None, steps=steps, shard_size=shard_size, resume=resume))
     acc = "" if s["accuracy"] is None else f", accuracy {s['accuracy']:.3f}"
     console.print(f"{path}: {s['kept']} of {s['rollouts']} rollouts over {s['prompts']} prompts "
                   f"(mean reward {s['reward_mean']:.3f}{acc})")

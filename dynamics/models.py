@@ -353,7 +353,13 @@ def load_model(
             hint = " (a run folder: pass one of its checkpoint-* folders)" if any(path.glob("checkpoint-*")) else ""
             raise DynamicsError(f"not a model folder: no config.json or adapter_config.json{hint}", file=path,
                                 field="model")
-        model, tok, processor = _load_folder(path, torch_dtype, name)
+        from safetensors import SafetensorError
+
+        try:
+            model, tok, processor = _load_folder(path, torch_dtype, name)
+        except (OSError, ValueError, SafetensorError) as e:  # a corrupt or half-copied model folder
+            raise DynamicsError(f"cannot load the model folder: {str(e).splitlines()[0]}", file=path,
+                                field="model") from None
     elif path.exists():
         raise DynamicsError("not a model: expected a folder, a .gguf file or a model name", file=path, field="model")
     elif HUB_ID.match(spec_str) and not spec_str.startswith((".", "/")):

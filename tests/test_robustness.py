@@ -256,6 +256,20 @@ def test_cli_rejects_undecodable_image_and_long_prompt(tmp_path, main_in_process
     assert_clean_error(code, err, "long.jsonl", "context", out)
 
 
+def test_cli_rejects_a_corrupt_checkpoint(tmp_path, main_in_process, monkeypatch):
+    from dynamics.models import load_model
+
+    monkeypatch.chdir(tmp_path)
+    good = write_records(tmp_path / "good.jsonl", [GOOD, {**GOOD, "id": "b"}])
+    load_model("tiny-llama").save(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"not a model")
+    out = tmp_path / "out"
+    for args in (["eval", "--model", str(tmp_path / "ckpt"), "--no-task", "--probes", str(good), "--out", str(out)],
+                 ["influence", "--ckpt", str(tmp_path / "ckpt"), "--train", str(good), "--probes", str(good),
+                  "--out", str(out)]):
+        assert_clean_error(*main_in_process(*args), "ckpt", "cannot load the model folder", out)
+
+
 def test_cli_subprocess_prints_one_line_and_exits_2(tmp_path, cli):
     """End to end through the installed module: the interpreter's own stderr shows no traceback."""
     good, bad = bad_files(tmp_path)

@@ -14,9 +14,12 @@ sampled and RFT-logged rollouts can be analysed alike. ``keep="correct"`` keeps 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,7 @@ import torch
 
 from dynamics.data import read_records, write_records
 from dynamics.errors import DynamicsError
-from dynamics.store import read_jsonl_rows
+from dynamics.store import read_jsonl_rows, write_jsonl
 
 KEEP = ("all", "correct")
 
@@ -48,6 +51,9 @@ class RolloutsConfig:
     batch_size: int = 16
     bf16: bool = field(default=False, metadata={"help": "Sample under bf16 autocast (as RFT does with --bf16)."})
     keep: str = "all"
+    shard_size: int = field(default=64, metadata={"help": "Prompts per resumable shard (shard k samples with "
+                                                  "seed + k)."})
+    resume: bool = field(default=False, metadata={"help": "Keep the finished shards of an interrupted run."})
     from_run: str | None = field(default=None, metadata={"help": "Extract the rollouts an RFT run logged."})
     steps: str | None = field(default=None, metadata={"help": "Step range A:B (inclusive; either end optional)."})
 
@@ -56,6 +62,8 @@ class RolloutsConfig:
             raise DynamicsError(f"keep must be one of {', '.join(KEEP)}", field="keep")
         if self.samples < 1:
             raise DynamicsError("samples must be >= 1", field="samples")
+        if self.shard_size < 1:
+            raise DynamicsError("shard_size must be >= 1", field="shard_size")
         if self.steps is not None:
             step_range(self.steps)
 
@@ -150,6 +158,41 @@ def rollouts_from_run(run: str | os.PathLike, steps: str | None = None) -> list[
     return [r for r in read_jsonl_rows(path) if lo <= r.get("step", 0) <= hi]
 
 
+def shards_dir(out: str | os.PathLike) -> Path:
+    """Where ``dynamics rollouts`` keeps its finished shards until the output is written: ``.OUT.shards/``."""
+    out = Path(out)
+    return out.parent / f".{out.name}.shards"
+
+
+def sample_in_shards(config: RolloutsConfig, task: Any, records: Sequence[dict]) -> list[dict]:
+    """:func:`sample_rollouts` over blocks of ``shard_size`` prompts (block k with seed ``seed + k``), each
+    block written atomically to :func:`shards_dir`; with ``resume``, blocks already written under the same
+    configuration and prompts are read back instead of sampled again, so the result equals an uninterrupted
+    run's."""
+    from dynamics.models import load_model
+
+    folder = shards_dir(config.out)
+    opts = {k: v for k, v in asdict(config).items() if k not in ("out", "resume", "keep", "batch_size")}
+    key = hashlib.sha256(json.dumps([opts, [[r["id"], r["prompt"], r.get("answer"), r.get("images")]
+                                            for r in records]], sort_keys=True, default=str).encode()).hexdigest()[:12]
+    if not config.resume:
+        shutil.rmtree(folder, ignore_errors=True)
+    lm, rows = None, []
+    for k, start in enumerate(range(0, len(records), config.shard_size)):
+        path = folder / f"{key}-{k:05d}.jsonl"
+        if path.is_file():
+            rows += read_jsonl_rows(path)
+            continue
+        lm = lm or load_model(config.model)
+        block = sample_rollouts(lm, task, records[start:start + config.shard_size], samples=config.samples,
+                                temperature=config.temperature, top_p=config.top_p,
+                                max_new_tokens=config.max_new_tokens, seed=config.seed + k,
+                                batch_size=config.batch_size, bf16=config.bf16)
+        write_jsonl(path, block)
+        rows += block
+    return rows
+
+
 def make_rollouts(config: RolloutsConfig) -> tuple[Path, dict]:
     """``dynamics rollouts``: sample (or extract), filter by ``keep``, write ``config.out``; return the path
     and a summary (counts, mean reward and accuracy of everything sampled)."""
@@ -158,20 +201,18 @@ def make_rollouts(config: RolloutsConfig) -> tuple[Path, dict]:
     if config.from_run:
         rows = rollouts_from_run(config.from_run, config.steps)
     else:
-        from dynamics.models import load_model
         from dynamics.tasks import get_task, parse_task_args
 
         task = get_task(config.task, **parse_task_args(config.task_args))
         records = prompt_records(task, config.data, config.n_prompts, config.prompts_seed)
-        lm = load_model(config.model)
-        rows = sample_rollouts(lm, task, records, samples=config.samples, temperature=config.temperature,
-                               top_p=config.top_p, max_new_tokens=config.max_new_tokens, seed=config.seed,
-                               batch_size=config.batch_size, bf16=config.bf16)
+        rows = sample_in_shards(config, task, records)
     kept = keep_rollouts(rows, config.keep)
     if not kept:
         raise DynamicsError(f"no rollouts to write ({len(rows)} sampled, none kept by keep={config.keep})",
                             field="keep")
     out = write_records(config.out, kept)
+    if not config.from_run:
+        shutil.rmtree(shards_dir(config.out), ignore_errors=True)
     acc = [r["meta"]["score"]["accuracy"] for r in rows if "score" in r.get("meta", {})]
     summary = {"rollouts": len(rows), "kept": len(kept), "prompts": len({r["meta"]["prompt_id"] for r in rows}),
                "reward_mean": sum(r["reward"] for r in rows) / len(rows),
