@@ -9,6 +9,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,8 +37,9 @@ def start_and_kill(args: list[str], folder: Path, pattern: str, sig: int, seed: 
     """Start ``dynamics ARGS``, wait until ``folder`` holds a file matching ``pattern`` (and ``ready(files)``),
     plus a random delay of up to 50 ms (seeded), send ``sig``; return the finished files (with mtimes) left
     after it died."""
-    log = folder.parent / f"{folder.name}.stderr"
-    with open(log, "w") as err:  # a file, not a pipe: a full pipe would stall the child
+    fd, name = tempfile.mkstemp(suffix=".stderr")
+    log = Path(name)
+    with os.fdopen(fd, "w") as err:  # a file, not a pipe: a full pipe would stall the child
         proc = subprocess.Popen([sys.executable, "-m", "dynamics.cli", *args], env=ENV, stdout=subprocess.DEVNULL,
                                 stderr=err)
     t_end = time.monotonic() + timeout
@@ -53,6 +55,7 @@ def start_and_kill(args: list[str], folder: Path, pattern: str, sig: int, seed: 
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        log.unlink()
     assert proc.returncode != 0, "the command completed before the signal: nothing was interrupted"
     return files(folder, pattern)
 
@@ -63,14 +66,22 @@ def run_ok(*args: str) -> None:
     assert res.returncode == 0, res.stderr[-3000:]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
-def test_influence_resumes_after_a_signal(tmp_path, sig):
+@pytest.fixture(scope="module")
+def influence_ref(tmp_path_factory):
+    """Training and probe files and the uninterrupted influence table (in this process)."""
     from dynamics.influence import InfluenceRun, run
 
-    train = write_records(tmp_path / "train.jsonl", records(48))
-    probes = write_records(tmp_path / "probes.jsonl", records(6, "p"))
-    ref = run(InfluenceRun(ckpts=["tiny-llama"], train=str(train), probes=str(probes), out=str(tmp_path / "ref"),
+    tmp = tmp_path_factory.mktemp("influence")
+    train = write_records(tmp / "train.jsonl", records(24))
+    probes = write_records(tmp / "probes.jsonl", records(3, "p"))
+    ref = run(InfluenceRun(ckpts=["tiny-llama"], train=str(train), probes=str(probes), out=str(tmp / "ref"),
                            shard_size=4))
+    return train, probes, pd.read_parquet(ref)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_influence_resumes_after_a_signal(tmp_path, influence_ref, sig):
+    train, probes, ref = influence_ref
     out = tmp_path / "cut"
     args = ["influence", "--ckpt", "tiny-llama", "--train", str(train), "--probes", str(probes), "--out", str(out),
             "--shard-size", "4", "--batch-size", "2"]
@@ -78,9 +89,9 @@ def test_influence_resumes_after_a_signal(tmp_path, sig):
     assert done and not (out / "influence.parquet").exists()
     run_ok(*args, "--resume")
     after = files(out / "shards", "*.parquet")
-    assert len(after) == 12 and all(after[p] == t for p, t in done.items())  # finished shards kept as they were
+    assert len(after) == 6 and all(after[p] == t for p, t in done.items())  # finished shards kept as they were
     got = pd.read_parquet(out / "influence.parquet")
-    pd.testing.assert_frame_equal(got, pd.read_parquet(ref), check_exact=False, rtol=1e-6)
+    pd.testing.assert_frame_equal(got, ref, check_exact=False, rtol=1e-6)
 
 
 def test_rollouts_resume_after_sigterm(tmp_path):
