@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -131,7 +132,8 @@ def test_tokenization_equals_trl_completion_mask(model_fixture, request, tmp_pat
          "completion": [{"role": "assistant", "content": "tac\nhi"}]},
     ]
     args = SFTConfig(output_dir=str(tmp_path), report_to=[], max_length=None, use_cpu=True)
-    trainer = SFTTrainer(model=lm.model, args=args, train_dataset=Dataset.from_list(rows),
+    # a copy: TRL patches the model it is given (its forward), and the session's model is shared
+    trainer = SFTTrainer(model=copy.deepcopy(lm.model), args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=lm.tokenizer)
     trl_batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
     ours = collate([encode(lm.tokenizer, r["prompt"], r["completion"]) for r in rows], lm.tokenizer.pad_token_id)
