@@ -34,6 +34,12 @@ EVAL_TASK_ARGS = typer.Option(None, "--eval-task-args", help="Options of --eval-
 EVAL_DATA = typer.Option(None, "--eval-data", help="Task evaluation records (instead of building --eval-n).")
 EVAL_N = typer.Option(None, "--eval-n", help="Task prompts built for evaluation (default 50).")
 PROBES = typer.Option(None, "--probes", help="Probe records evaluated during training.")
+MONITOR = typer.Option(None, "--monitor", help="Probe records: forecast their log p change every step from the "
+                       "training gradients (live interference monitor, RUN/monitor.jsonl).")
+MONITOR_REFRESH = typer.Option(None, "--monitor-refresh", help="Recompute the probe gradients (and measure their log "
+                               "p) every N steps (default 10).")
+MONITOR_PARAMS = typer.Option(None, "--monitor-params", help="Parameters the monitor contracts: linear | all | lora | "
+                              "a pattern (default: lora for LoRA runs, else linear).")
 RESUME = typer.Option(False, "--resume", help="Continue the run in --out from its newest complete checkpoint.")
 OVERWRITE = typer.Option(False, "--overwrite", help="Delete the run in --out first.")
 
@@ -78,6 +84,9 @@ def sft(
     eval_data: Path | None = EVAL_DATA,
     eval_n: int | None = EVAL_N,
     probes: Path | None = PROBES,
+    monitor: Path | None = MONITOR,
+    monitor_refresh: int | None = MONITOR_REFRESH,
+    monitor_params: str | None = MONITOR_PARAMS,
     resume: bool = RESUME,
     overwrite: bool = OVERWRITE,
 ) -> None:
@@ -92,6 +101,7 @@ def sft(
         checkpoint_every=checkpoint_every, checkpoint_schedule=checkpoint_schedule, optimizer_state=optimizer_state,
         eval_every=eval_every, eval_task=eval_task, eval_task_args=eval_task_args,
         eval_data=str(eval_data) if eval_data else None, eval_n=eval_n, probes=str(probes) if probes else None,
+        monitor=str(monitor) if monitor else None, monitor_refresh=monitor_refresh, monitor_params=monitor_params,
         resume=resume or None, overwrite=overwrite or None)
     _print(train_sft(cfg))
 
@@ -126,6 +136,9 @@ def rft(
     eval_n: int | None = EVAL_N,
     eval_data: Path | None = EVAL_DATA,
     probes: Path | None = PROBES,
+    monitor: Path | None = MONITOR,
+    monitor_refresh: int | None = MONITOR_REFRESH,
+    monitor_params: str | None = MONITOR_PARAMS,
     resume: bool = RESUME,
     overwrite: bool = OVERWRITE,
 ) -> None:
@@ -141,5 +154,6 @@ def rft(
         bf16=bf16, lora_r=lora, checkpoint_every=checkpoint_every, checkpoint_schedule=checkpoint_schedule,
         optimizer_state=optimizer_state, eval_every=eval_every, eval_n=eval_n,
         eval_data=str(eval_data) if eval_data else None, probes=str(probes) if probes else None,
+        monitor=str(monitor) if monitor else None, monitor_refresh=monitor_refresh, monitor_params=monitor_params,
         resume=resume or None, overwrite=overwrite or None)
     _print(train_rft(cfg))

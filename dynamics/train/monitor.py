@@ -158,8 +158,10 @@ class InterferenceMonitor(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.trainer is None:
             raise DynamicsError("the monitor must be attached to its trainer (InterferenceMonitor.attach)")
-        self._pending_measure = self._refresh(state.global_step)
-        self._pending_measure["step"] = state.global_step
+        measured = self._refresh(state.global_step)
+        # the measurement at the starting step, unless a resumed run's log already holds it
+        logged = {r.get("step") for r in monitor_from_run(self.path.parent) if "measured_logp" in r}
+        self._pending_measure = None if state.global_step in logged else {**measured, "step": state.global_step}
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         rec = self.engine.recorder
@@ -261,6 +263,18 @@ def _patch_counts(ids: torch.Tensor, grid: torch.Tensor, lm: LoadedModel) -> lis
     image_token = lm.model.config.image_token_id
     merge = lm.processor.image_processor.merge_size ** 2 if lm.processor is not None else 4
     return [int((row == image_token).sum()) * merge for row in ids]
+
+
+def attach_monitor(trainer: Any, config: Any, lm: LoadedModel, records: list[dict] | None = None) -> None:
+    """Attach the monitor a run config asks for (``config.monitor``, a probes file) to ``trainer``.
+
+    ``records`` are SFT's training records (GRPO rollouts are named as they are generated). A LoRA run only has
+    gradients of its adapter, so its monitor contracts those unless ``monitor_params`` says otherwise."""
+    if not config.monitor:
+        return
+    params = config.monitor_params or ("lora" if (config.lora_r or lm.is_peft) else "linear")
+    mc = MonitorConfig(probes=config.monitor, refresh=config.monitor_refresh, params=params)
+    InterferenceMonitor(mc, lm, config.output_dir, records=records).attach(trainer)
 
 
 def monitor_from_run(run: str | Path) -> list[dict]:

@@ -221,6 +221,7 @@ def build_rft_trainer(config: RFTRunConfig, task: Any = None, records: Sequence[
     ``reward_funcs``, ``score``, ``build`` and ``max_new_tokens``.
     """
     from dynamics.train.callbacks import run_callbacks
+    from dynamics.train.monitor import attach_monitor
 
     if task is None:
         from dynamics.tasks import get_task, parse_task_args
@@ -241,6 +242,7 @@ def build_rft_trainer(config: RFTRunConfig, task: Any = None, records: Sequence[
                                   peft_config=lora_config(config) if config.lora_r else None)
     trainer.run_processing_class = lm.processing_class
     trainer.run_info = info
+    attach_monitor(trainer, config, lm, None)
     trainer.task = task
     trainer.records_by_id = {r["id"]: r for r in records}
     trainer.rollouts_path = Path(config.output_dir) / "rollouts.jsonl" if config.log_rollouts else None

@@ -7,6 +7,7 @@ A run folder (``RUN``) holds::
     metrics.jsonl        one row per logging step (see callbacks.MetricsCallback)
     eval.jsonl           in-run evaluation summaries (callbacks.EvalCallback); eval.parquet per item
     rollouts.jsonl       RFT rollouts as records with step, reward, advantage
+    monitor.jsonl        the live interference monitor's rows (train.monitor), with ``monitor``
     checkpoint-STEP/     model or peft adapter, tokenizer/processor, trainer_state.json, rng state,
                          optimizer.pt + scheduler.pt (per ``optimizer_state``), manifest.json
 
@@ -35,7 +36,7 @@ from dynamics.store import file_hash, read_jsonl_rows, versions, write_json, wri
 
 RUN_FORMAT = 1
 STAGING = ".staging"
-RUN_LOGS = ("metrics.jsonl", "eval.jsonl", "rollouts.jsonl")
+RUN_LOGS = ("metrics.jsonl", "eval.jsonl", "rollouts.jsonl", "monitor.jsonl")
 OPTIMIZER_FILES = ("optimizer.pt", "scheduler.pt")
 
 
@@ -65,6 +66,12 @@ class RunOptions:
     probes: str | None = field(default=None, metadata={"help": "Probes evaluated during training: a records "
                                                                 "file or a built-in suite (default: text / visual)."})
     eval_batch_size: int = 16
+    monitor: str | None = field(default=None, metadata={"help": "Probe records the live interference monitor "
+                                                                "forecasts (writes monitor.jsonl)."})
+    monitor_refresh: int = field(default=10, metadata={"help": "Recompute the probes' gradients every N steps."})
+    monitor_params: str | None = field(default=None, metadata={"help": "Parameters the monitor contracts (linear "
+                                                                    "| all | lora | a pattern; default: lora for "
+                                                                    "LoRA runs, else linear)."})
     resume: bool = field(default=False, metadata={"help": "Continue the run in output_dir from its newest checkpoint."})
     overwrite: bool = field(default=False, metadata={"help": "Delete an existing run in output_dir first."})
 

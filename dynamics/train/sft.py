@@ -91,6 +91,7 @@ def build_sft_trainer(config: SFTRunConfig, records: Sequence[dict] | None = Non
                       callbacks: Sequence[Any] = ()) -> tuple[DynamicsSFTTrainer, Path | None]:
     """Load the model and data, prepare the run folder, and return ``(trainer, checkpoint to resume from)``."""
     from dynamics.train.callbacks import run_callbacks
+    from dynamics.train.monitor import attach_monitor
 
     if records is None:
         if not config.data:
@@ -104,6 +105,7 @@ def build_sft_trainer(config: SFTRunConfig, records: Sequence[dict] | None = Non
                                  peft_config=lora_config(config) if config.lora_r else None)
     trainer.run_processing_class = lm.processing_class
     trainer.run_info = info
+    attach_monitor(trainer, config, lm, records)
     return trainer, resume_from
 
 
