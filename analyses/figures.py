@@ -4,7 +4,8 @@ Each recipe of :data:`RECIPES` runs when its inputs are present under the study 
 :class:`dynamics.analyses.loader.Study`) and is skipped, with the reason, when they are absent; a present but
 malformed input is an error naming the file. Compare outputs are re-plotted from their stored
 ``samples.parquet``. Nothing stored is recomputed, so the same inputs give the same files, byte for byte.
-Writes ``OUT/<figure>.png|pdf``, ``OUT/findings.json`` (every recipe's key statistics and claims) and
+Writes ``OUT/<figure>.png|pdf``, ``OUT/findings.json`` (every recipe's key statistics and claims),
+``OUT/index.json`` (the figures made, each with its title and recipe, and the recipes skipped) and
 ``OUT/README.md`` (each figure, what it shows, its claims, and the command that made it).
 """
 
@@ -23,7 +24,9 @@ from dynamics.analyses import (
     influence_magnitude,
     knowledge_categories,
     learning_forgetting,
+    monitor,
     rollout_sign,
+    selection,
     style,
     training,
 )
@@ -32,7 +35,7 @@ from dynamics.analyses.stats import Finding
 from dynamics.store import write_text
 
 RECIPES: tuple[ModuleType, ...] = (learning_forgetting, training, influence_magnitude, influence_direction,
-                                   base_alignment, rollout_sign, knowledge_categories)
+                                   base_alignment, rollout_sign, knowledge_categories, selection, monitor)
 
 
 @dataclass
@@ -92,6 +95,11 @@ def make_figures(cfg: FiguresConfig, progress: bool = False) -> FiguresReport:
                                     style.save_figure(fig, out / name)))
     write_text(out / "findings.json", json.dumps({k: f.to_dict() for k, f in report.findings.items()}, indent=2,
                                                  ensure_ascii=False) + "\n")
+    index = {"figures": [{"name": m.name, "title": m.title,
+                          "finding": next((n for n, f in report.findings.items() if m.name in f.figures), None)}
+                         for m in report.made],
+             "skipped": [{"recipe": n, "reason": r} for n, r in report.skipped]}
+    write_text(out / "index.json", json.dumps(index, indent=2, ensure_ascii=False) + "\n")
     report.readme = out / "README.md"
     write_text(report.readme, readme(cfg, study, report))
     return report

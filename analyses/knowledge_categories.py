@@ -82,7 +82,7 @@ def _item_ci(run, category: str, metric: str, horizon: float) -> tuple[float, fl
     if summary is None or last not in summary.index:
         return None
     for c in ([col] if col else [c for c in sub.columns if str(c).startswith("logp")]):
-        wide = sub.pivot_table(index="item_id", columns="step", values=c, aggfunc="first")
+        wide = sub.pivot_table(index="item_id", columns="step", values=c, aggfunc="first").astype(float)
         if last not in wide or first not in wide:
             continue
         if not np.isclose(wide[last].mean(), summary.loc[last], rtol=1e-5, atol=1e-6):

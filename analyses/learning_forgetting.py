@@ -192,7 +192,9 @@ def _rows(have: np.ndarray, want: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------ claims
 @dataclass
-class _Groups:
+class Groups:
+    """Run groups (seeds of one configuration) and the log p measure of forgetting they all store."""
+
     runs: dict[str, list[Run]]
     logp: str
 
@@ -203,7 +205,7 @@ class _Groups:
         return max(float(r.eval["step"].min()) for g in groups for r in self.runs[g])
 
 
-def _learn_claim(g: _Groups, key: str, statement: str, x: str | None, y: str | None) -> Claim:
+def learn_claim(g: Groups, key: str, statement: str, x: str | None, y: str | None) -> Claim:
     claim = Claim(key, statement, "area under the novel-task accuracy curve / steps (the mean accuracy so far)", ">")
     if not (x and y):
         claim.detail = "needs both runs"
@@ -216,7 +218,7 @@ def _learn_claim(g: _Groups, key: str, statement: str, x: str | None, y: str | N
     return claim
 
 
-def _forget_claim(g: _Groups, key: str, statement: str, x: str | None, y: str | None, metric: str,
+def forget_claim(g: Groups, key: str, statement: str, x: str | None, y: str | None, metric: str,
                   expected: str, matched: bool = False) -> Claim:
     what = LABELS[metric].replace(" (%)", "")
     claim = Claim(key, statement, f"change of {what}", expected)  # type: ignore[arg-type]
@@ -249,22 +251,22 @@ def _forget_claim(g: _Groups, key: str, statement: str, x: str | None, y: str | 
 
 def claims_of(runs: dict[str, list[Run]]) -> list[Claim]:
     """The study's claims about learning and forgetting, measured on these run groups."""
-    g = _Groups(runs, logp_metric([r for rs in runs.values() for r in rs]))
+    g = Groups(runs, logp_metric([r for rs in runs.values() for r in rs]))
     rep = style.representatives(runs)
     sft, rft, ro = rep.get("SFT"), rep.get("RFT"), rep.get("SFT on rollouts")
     return [
-        _learn_claim(g, "sft_learns_faster", "SFT learns the novel task faster than RFT", sft, rft),
-        _forget_claim(g, "sft_forgets_more", "SFT forgets more prior knowledge than RFT (log p, equal steps)",
+        learn_claim(g, "sft_learns_faster", "SFT learns the novel task faster than RFT", sft, rft),
+        forget_claim(g, "sft_forgets_more", "SFT forgets more prior knowledge than RFT (log p, equal steps)",
                       sft, rft, g.logp, "<"),
-        _forget_claim(g, "sft_forgets_more_accuracy", "SFT forgets more prior knowledge than RFT (probe accuracy, "
+        forget_claim(g, "sft_forgets_more_accuracy", "SFT forgets more prior knowledge than RFT (probe accuracy, "
                       "equal steps)", sft, rft, PACC, "<"),
-        _forget_claim(g, "sft_forgets_more_matched", "SFT forgets more prior knowledge than RFT at matched "
+        forget_claim(g, "sft_forgets_more_matched", "SFT forgets more prior knowledge than RFT at matched "
                       "novel-task accuracy (log p)", sft, rft, g.logp, "<", matched=True),
-        _learn_claim(g, "rollouts_learn_fast", "SFT on RFT-style rollouts learns the novel task faster than RFT",
+        learn_claim(g, "rollouts_learn_fast", "SFT on RFT-style rollouts learns the novel task faster than RFT",
                      ro, rft),
-        _forget_claim(g, "rollouts_forget_less", "SFT on rollouts forgets less than SFT on gold answers (log p, "
+        forget_claim(g, "rollouts_forget_less", "SFT on rollouts forgets less than SFT on gold answers (log p, "
                       "equal steps)", ro, sft, g.logp, ">"),
-        _forget_claim(g, "rollouts_forget_less_matched", "SFT on rollouts forgets less than SFT on gold answers at "
+        forget_claim(g, "rollouts_forget_less_matched", "SFT on rollouts forgets less than SFT on gold answers at "
                       "matched novel-task accuracy (log p)", ro, sft, g.logp, ">", matched=True),
     ]
 

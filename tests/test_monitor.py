@@ -126,16 +126,17 @@ def test_grpo_push_follows_advantage(tmp_path, counting_task):
     assert np.allclose(push[~moving], 0, atol=1e-6 * np.abs(push).max())
 
 
-@pytest.mark.parametrize("lora", [0, 4])
-def test_train_command_runs_the_monitor(cli, tmp_path, lora):
+@pytest.mark.parametrize("extra", [[], ["--lora", "4"], ["--bf16"]], ids=["full", "lora", "bf16"])
+def test_train_command_runs_the_monitor(cli, tmp_path, extra):
     """`dynamics train sft --monitor probes.jsonl`: a row per step, the base measurement, refreshes on schedule;
-    a LoRA run contracts the adapter's gradients (the only ones its backward computes)."""
+    a LoRA run contracts the adapter's gradients (the only ones its backward computes); under bf16 autocast the
+    captured bf16 factors are contracted in fp32."""
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TRAIN))
     (tmp_path / "probes.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PROBES))
     args = ["train", "sft", "--model", "tiny-llama", "--data", str(tmp_path / "train.jsonl"), "--max-steps", "3",
             "--batch-size", "4", "--lr", "1e-3", "--monitor", str(tmp_path / "probes.jsonl"),
             "--monitor-refresh", "2", "--out", str(tmp_path / "run")]
-    r = cli(*args, *(["--lora", str(lora)] if lora else []))
+    r = cli(*args, *extra)
     assert r.returncode == 0, r.stderr
     rows = read_jsonl_rows(tmp_path / "run" / "monitor.jsonl")
     assert [row["step"] for row in rows] == [0, 1, 2, 3]

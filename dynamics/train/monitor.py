@@ -138,6 +138,8 @@ class InterferenceMonitor(TrainerCallback):
         lm = LoadedModel(model=model, tokenizer=self.lm.tokenizer, kind=self.lm.kind, name=self.lm.name,
                          processor=self.lm.processor)
         self.engine = _GradientPass(lm, self.icfg)
+        # under bf16 autocast the captured activations and output gradients are bf16: contract in the weights' dtype
+        self.engine.recorder.dtype = self.engine.compute_dtype or next(model.parameters()).dtype
         was_training = model.training
         model.eval()
         try:

@@ -1,0 +1,397 @@
+"""``dynamics demo``: the study of arXiv 2506.23508 end to end on the embedded model, in minutes on 2 CPU cores.
+
+Every stage calls the library function its command calls, and writes what that command writes, under ``OUT``::
+
+    probes.jsonl                 probes the base model answers correctly (its own responses stored)   probes build
+    data/train.jsonl, heldout.jsonl  jigsaw puzzles (gold answers) for training and held-out evaluation    data jigsaw
+    runs/sft, runs/rft           SFT on gold answers; RFT (GRPO) on the task's rewards, same prompts    train sft|rft
+    data/rollouts.jsonl          the RFT-trained model's own samples on the training prompts,          rollouts
+                                 correct ones kept (the study's simulated rollouts)
+    runs/sft-rollouts            SFT on those rollouts                                                  train sft
+    variants/...                 (full) SFT on rollouts of the base model; SFT on a select-ed gold set  rollouts, select
+    influence/<label>            each training set's kernel on the probes, at the base model and at     influence
+                                 its run's checkpoints
+    compare/                     the training sets compared under the base model (log p, influence)    compare
+    figures/                     every figure and findings.json                                         figures
+    report.md, report.html       each claim of the study: what this run measured, and whether it held
+
+Every run starts from the same base model with the same optimiser, batch size, number of steps, checkpoints and
+evaluation, so the runs differ only in their data (and, for RFT, the algorithm that makes it). A stage is skipped
+when ``OUT/demo.json`` records it as done with the same plan and inputs (``force`` reruns everything); a run that
+was interrupted resumes from its newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from dynamics.errors import DynamicsError
+from dynamics.store import versions, write_json
+
+DEMO_FORMAT = 1
+
+
+@dataclass
+class DemoPlan:
+    """Sizes and hyperparameters of one demo configuration (see :data:`PLANS` and :data:`WHY`)."""
+
+    model: str = "default"
+    task_args: str = "preset=text"
+    probe_pool: int | None = 120  # built-in probes scored by the base model (an even sample; None: all)
+    keep_correct: bool = True  # probes: keep what the base model answers correctly
+    n_probes: int = 40  # probes used by the study (an even sample per category of those kept)
+    n_train: int = 64  # training prompts: gold answers for SFT, the same prompts for RFT and rollouts
+    n_eval: int = 32  # held-out prompts evaluated during training
+    steps: int = 10  # optimizer steps of every run
+    batch: int = 8  # samples per SFT step (RFT: prompts_per_step x group completions)
+    sft_lr: float = 1e-4
+    rft_lr: float = 1e-5
+    rft_prompts: int = 2  # prompts per GRPO step
+    group: int = 8  # GRPO group size
+    temperature: float = 0.7  # sampling temperature of GRPO and of the simulated rollouts
+    eval_every: int = 5
+    checkpoints: str = "none"  # extra checkpoints of every run (the last step is always saved)
+    rollout_samples: int = 4  # simulated rollouts: samples per training prompt
+    rollout_keep: str = "correct"
+    influence_n: int = 12  # training samples per set in the influence analysis
+    seeds: int = 1
+    base_rollouts: bool = False  # variant: SFT on rollouts sampled from the base model
+    select: bool = False  # variant: SFT on the gold set pruned by `dynamics select` (drop-harmful, half)
+    monitor: bool = False  # the live interference monitor on the SFT run
+    bf16: bool = True
+    max_new_tokens: int = 24  # probe answers during evaluation
+
+
+PLANS: dict[str, DemoPlan] = {
+    "quick": DemoPlan(),
+    "full": DemoPlan(probe_pool=None, n_probes=60, n_train=128, n_eval=48, steps=30, eval_every=5,
+                     checkpoints="steps:10", rollout_samples=8, influence_n=24, base_rollouts=True, select=True,
+                     monitor=True),
+    "vlm": DemoPlan(model="tiny-qwen2.5-vl", task_args="preset=image-direct,patch_size=14", probe_pool=None,
+                    keep_correct=False, n_probes=8, n_train=16, n_eval=8, steps=4, batch=4, sft_lr=1e-3,
+                    rft_lr=1e-3, group=4, eval_every=2, rollout_samples=2, rollout_keep="all", influence_n=4,
+                    bf16=False, max_new_tokens=8),
+}
+
+# why the defaults are what they are (printed in the report)
+WHY = [
+    "The text jigsaw with three pieces (preset `text`): the base model is near chance (greedy 27%, chance 20%) "
+    "and samples at temperature 0.7 are right about 10% of the time (5% at temperature 1), with a correct sample "
+    "for about a third of the prompts in 8, so GRPO has a reward signal and the simulated rollouts exist; with "
+    "four pieces GRPO found almost no correct sample at this scale.",
+    "Probes are those the base model answers correctly, so any drop is forgetting; their continuous measure is "
+    "the log p of the base model's own responses, which tracks forgetting when short gold answers do not.",
+    "Every run has the same steps, batch, optimiser (AdamW), checkpoints and evaluation; learning rates are per "
+    "method as in practice (GRPO's policy-gradient steps need a smaller one) and stated in the plan table.",
+    "Simulated rollouts are sampled from the RFT-trained model (as in the study) on the training prompts and "
+    "filtered to the correct ones; rollouts of the base model are a variant (full mode).",
+    "Influence uses the summed completion log-likelihood over all completion tokens (the study's measure), "
+    "at the base model and at each run's checkpoints, on an even sample of each training set.",
+]
+
+
+@dataclass
+class DemoConfig:
+    """``dynamics demo``: where, which plan (``quick``, ``vlm`` or full), and overrides of the plan."""
+
+    out: str = "demo-out"
+    quick: bool = False
+    vlm: bool = False
+    force: bool = False
+    seeds: int | None = None
+    progress: bool = True
+    plan: DemoPlan | None = None  # overrides the named plan (tests)
+
+    def resolved(self) -> tuple[str, DemoPlan]:
+        name = "vlm" if self.vlm else "quick" if self.quick else "full"
+        plan = self.plan or PLANS[name]
+        if self.seeds is not None:
+            if self.seeds < 1:
+                raise DynamicsError("--seeds must be >= 1", field="seeds")
+            plan = replace(plan, seeds=self.seeds)
+        return name, plan
+
+
+@dataclass
+class Demo:
+    """State of one demo folder: its plan, stage records (``demo.json``) and timings."""
+
+    out: Path
+    name: str
+    plan: DemoPlan
+    force: bool
+    progress: bool
+    state: dict = field(default_factory=dict)
+    log: Callable[[str], None] = print
+    fresh: bool = False  # the running stage must start over (its inputs changed, or force)
+
+    @property
+    def state_path(self) -> Path:
+        return self.out / "demo.json"
+
+    def key(self, stage: str, *inputs: Path) -> str:
+        """What a stage's result depends on: the plan, the stage and its input files' contents."""
+        h = hashlib.sha256(json.dumps([asdict(self.plan), stage], sort_keys=True).encode())
+        for p in inputs:
+            h.update(p.read_bytes() if p.is_file() else str(p).encode())
+        return h.hexdigest()[:16]
+
+    def stage(self, name: str, fn: Callable[[], Any], *inputs: Path) -> None:
+        """Run ``fn`` unless ``demo.json`` records ``name`` as done with the same key; record its time."""
+        key = self.key(name, *inputs)
+        done = self.state.setdefault("stages", {}).get(name)
+        if done and done.get("key") == key and not self.force:
+            self.log(f"[dim]{name}: cached ({done['seconds']:.0f} s when run)[/dim]")
+            done["cached"] = True
+            return
+        self.log(f"[bold]{name}[/bold] ...")
+        self.fresh = self.force or bool(done)  # no record: a first or interrupted attempt, which resumes
+        t0 = time.perf_counter()
+        fn()
+        seconds = time.perf_counter() - t0
+        self.state["stages"][name] = {"key": key, "seconds": round(seconds, 1), "cached": False,
+                                      "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        write_json(self.state_path, self.state)
+        self.log(f"{name}: {seconds:.0f} s")
+
+
+# --------------------------------------------------------------------------------------------------- stages
+def _even_sample(records: list[dict], n: int | None) -> list[dict]:
+    """At most ``n`` records, spread evenly over categories (round robin, each category in file order)."""
+    if n is None or n >= len(records):
+        return list(records)
+    by_cat: dict[str, list[dict]] = {}
+    for r in records:
+        by_cat.setdefault(str((r.get("meta") or {}).get("category", "")), []).append(r)
+    out: list[dict] = []
+    queues = [list(v) for v in by_cat.values()]
+    while len(out) < n:
+        for q in queues:
+            if q and len(out) < n:
+                out.append(q.pop(0))
+    return out
+
+
+def build_probes(demo: Demo) -> None:
+    """Score an even sample of the built-in suite with the base model; keep an even sample of what it knows."""
+    from dynamics.data import read_records, write_records
+    from dynamics.probes import ProbeBuildConfig, build_probes, load_probes, text_suite
+
+    p = demo.plan
+    pool_path = demo.out / "work" / "probe_pool.jsonl"
+    vlm = p.model == "tiny-qwen2.5-vl" or "vl" in p.model.lower()
+    pool = load_probes("visual", image_dir=demo.out / "work" / "probe_images") if vlm else text_suite()
+    write_records(pool_path, _even_sample(pool, p.probe_pool), relative_images=True)
+    built = demo.out / "work" / "probes_built.jsonl"
+    summary = build_probes(ProbeBuildConfig(model=p.model, suite=str(pool_path), keep_correct=p.keep_correct,
+                                            max_new_tokens=p.max_new_tokens, progress=demo.progress), built)
+    kept = read_records(built)
+    if len(kept) < 4:
+        raise DynamicsError(f"only {len(kept)} probes kept; the study needs more", field="probes")
+    write_records(demo.out / "probes.jsonl", _even_sample(kept, p.n_probes), relative_images=True)
+    write_json(demo.out / "probes.summary.json", summary)
+
+
+def build_data(demo: Demo) -> None:
+    """Training prompts with gold answers (seed 0) and unseen evaluation prompts (seed 1234)."""
+    from dynamics.data import write_records
+    from dynamics.tasks import get_task, parse_task_args
+
+    args = parse_task_args(demo.plan.task_args)
+    if "image" in str(args.get("preset", "")) and "image_dir" not in args:
+        args["image_dir"] = str(demo.out / "data" / "images")
+    task = get_task("jigsaw", **args)
+    write_records(demo.out / "data" / "train.jsonl", task.build(demo.plan.n_train, 0), relative_images=True)
+    write_records(demo.out / "data" / "heldout.jsonl", task.build(demo.plan.n_eval, 1234), relative_images=True)
+
+
+def _run_options(demo: Demo, out: Path, seed: int) -> dict[str, Any]:
+    """What every run shares: steps, checkpoints, in-run evaluation, bf16, seed; resumes an interrupted run."""
+    p = demo.plan
+    if demo.fresh and out.exists():
+        shutil.rmtree(out)
+    return dict(output_dir=str(out), model=p.model, max_steps=p.steps, seed=seed, bf16=p.bf16,
+                checkpoint_schedule=p.checkpoints, optimizer_state="last", eval_every=p.eval_every,
+                eval_data=str(demo.out / "data" / "heldout.jsonl"), probes=str(demo.out / "probes.jsonl"),
+                eval_batch_size=16, resume=True, lr_scheduler_type="constant", warmup_steps=0,
+                disable_tqdm=not demo.progress)
+
+
+def train_sft(demo: Demo, out: Path, data: Path, seed: int, monitor: bool = False) -> None:
+    from dynamics.train.sft import SFTRunConfig, train_sft
+
+    p = demo.plan
+    opts = _run_options(demo, out, seed)
+    if monitor:
+        opts.update(monitor=str(demo.out / "probes.jsonl"), monitor_refresh=p.eval_every)
+    train_sft(SFTRunConfig(data=str(data), learning_rate=p.sft_lr, per_device_train_batch_size=p.batch, **opts))
+
+
+def train_rft(demo: Demo, out: Path, seed: int) -> None:
+    from dynamics.train.rft import RFTRunConfig, train_rft
+
+    p = demo.plan
+    train_rft(RFTRunConfig(task="jigsaw", task_args=p.task_args, data=str(demo.out / "data" / "train.jsonl"),
+                           learning_rate=p.rft_lr, prompts_per_step=p.rft_prompts, num_generations=p.group,
+                           temperature=p.temperature, beta=0.0, **_run_options(demo, out, seed)))
+
+
+def make_rollouts(demo: Demo, model: str, out: Path) -> None:
+    """The simulated rollouts: ``rollout_samples`` samples per training prompt from ``model``, correct kept."""
+    from dynamics.train.rollouts import RolloutsConfig, make_rollouts
+
+    p = demo.plan
+    path, summary = make_rollouts(RolloutsConfig(
+        out=str(out), model=model, task="jigsaw", task_args=p.task_args, data=str(demo.out / "data" / "train.jsonl"),
+        samples=p.rollout_samples, temperature=p.temperature, seed=0, bf16=p.bf16, keep=p.rollout_keep))
+    write_json(out.with_suffix(".summary.json"), {**summary, "model": model})
+
+
+def select_gold(demo: Demo) -> None:
+    """The gold set pruned to half by ``dynamics select`` (drop the samples most harmful to the probes)."""
+    from dynamics.influence import InfluenceConfig
+    from dynamics.select import SelectConfig, select
+
+    select(SelectConfig(data=str(demo.out / "data" / "train.jsonl"), probes=str(demo.out / "probes.jsonl"),
+                        out=str(demo.out / "data" / "train-select.jsonl"), budget="0.5",
+                        strategy="drop-harmful", model=demo.plan.model,
+                        influence=InfluenceConfig(tokens="content")))
+
+
+def influence_sets(demo: Demo) -> dict[str, tuple[list[dict], str]]:
+    """Training samples of each source (an even, seeded sample) and the run whose checkpoints are analysed.
+
+    RFT's data are the rollouts its first steps trained on that carry a gradient (non-zero advantage), taken in
+    order of generation; SFT's the gold answers; SFT-on-rollouts' the kept simulated rollouts."""
+    from dynamics.data import read_records
+    from dynamics.train.rollouts import rollouts_from_run
+
+    p = demo.plan
+    n = p.influence_n
+    rng = random.Random(0)
+
+    def sample(records: list[dict]) -> list[dict]:
+        return [records[i] for i in sorted(rng.sample(range(len(records)), min(n, len(records))))]
+
+    rft_rollouts = [r for r in rollouts_from_run(run_dir(demo, "rft", 0)) if abs(r.get("advantage") or 0) > 1e-6]
+    return {"sft": (sample(read_records(demo.out / "data" / "train.jsonl")), "sft"),
+            "rft": (rft_rollouts[:n], "rft"),
+            "sft-rollouts": (sample(read_records(demo.out / "data" / "rollouts.jsonl")), "sft-rollouts")}
+
+
+def run_influence(demo: Demo) -> None:
+    from dynamics.data import write_records
+    from dynamics.influence import InfluenceRun, run
+
+    for label, (records, run_label) in influence_sets(demo).items():
+        out = demo.out / "influence" / label
+        if demo.fresh and out.exists():
+            shutil.rmtree(out)
+        train = write_records(out / "train.jsonl", records, relative_images=True)
+        ckpts = [demo.plan.model, str(run_dir(demo, run_label, 0))]
+        run(InfluenceRun(ckpts=ckpts, train=str(train), probes=str(demo.out / "probes.jsonl"), out=str(out),
+                         resume=True))
+
+
+def compare_sets(demo: Demo) -> dict[str, Path]:
+    """The whole training sets: gold answers, every rollout the RFT run trained on, the simulated rollouts (and
+    the base model's rollouts in full mode)."""
+    sets = {"sft": demo.out / "data" / "train.jsonl", "rft": run_dir(demo, "rft", 0) / "rollouts.jsonl",
+            "sft-rollouts": demo.out / "data" / "rollouts.jsonl"}
+    if demo.plan.base_rollouts:
+        sets["sft-rollouts-base"] = demo.out / "data" / "rollouts-base.jsonl"
+    return sets
+
+
+def run_compare(demo: Demo) -> None:
+    """Base-model log p of every set (paired by prompt where they share prompts) and the influence samples."""
+    from dynamics.analyses.compare import CompareConfig, compare
+
+    sets = compare_sets(demo)
+    compare(CompareConfig(data=list(sets.values()), labels=list(sets), out=demo.out / "compare",
+                          model=demo.plan.model, influence=influence_folders(demo), step=0))
+
+
+def influence_folders(demo: Demo) -> list[Path]:
+    return [demo.out / "influence" / lab for lab in ("sft", "rft", "sft-rollouts")]
+
+
+def run_figures(demo: Demo) -> None:
+    from dynamics.analyses.figures import FiguresConfig, make_figures
+
+    make_figures(FiguresConfig(runs=demo.out, out=demo.out / "figures"))
+
+
+def run_dir(demo: Demo, label: str, seed: int) -> Path:
+    """``OUT/runs/<label>`` (``-seedN`` when the plan has several seeds)."""
+    return demo.out / "runs" / (label if demo.plan.seeds == 1 else f"{label}-seed{seed}")
+
+
+# ------------------------------------------------------------------------------------------------- pipeline
+def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> Path:
+    """Run (or reuse) every stage into ``config.out``; return the path of ``report.md``."""
+    name, plan = config.resolved()
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    demo = Demo(out, name, plan, config.force, config.progress, log=log)
+    if demo.state_path.is_file() and not config.force:
+        demo.state = json.loads(demo.state_path.read_text())
+    demo.state.update(format=DEMO_FORMAT, plan_name=name, plan=asdict(plan), versions=versions())
+    t0 = time.perf_counter()
+    probes, train = out / "probes.jsonl", out / "data" / "train.jsonl"
+    demo.stage("probes", lambda: build_probes(demo))
+    demo.stage("data", lambda: build_data(demo))
+    for seed in range(plan.seeds):
+        demo.stage(f"sft{_seed(plan, seed)}", lambda s=seed: train_sft(demo, run_dir(demo, "sft", s), train, s,
+                                                                       monitor=plan.monitor and s == 0),
+                   probes, train)
+        demo.stage(f"rft{_seed(plan, seed)}", lambda s=seed: train_rft(demo, run_dir(demo, "rft", s), s), probes, train)
+    rft_final = _last_checkpoint(run_dir(demo, "rft", 0))
+    rollouts = out / "data" / "rollouts.jsonl"
+    demo.stage("rollouts", lambda: make_rollouts(demo, str(rft_final), rollouts), train, rft_final / "manifest.json")
+    for seed in range(plan.seeds):
+        demo.stage(f"sft-rollouts{_seed(plan, seed)}",
+                   lambda s=seed: train_sft(demo, run_dir(demo, "sft-rollouts", s), rollouts, s), probes, rollouts)
+    if plan.base_rollouts:
+        base_rollouts = out / "data" / "rollouts-base.jsonl"
+        demo.stage("rollouts-base", lambda: make_rollouts(demo, plan.model, base_rollouts), train)
+        demo.stage("sft-rollouts-base", lambda: train_sft(demo, out / "variants" / "sft-rollouts-base",
+                                                          base_rollouts, 0), probes, base_rollouts)
+    if plan.select:
+        selected = out / "data" / "train-select.jsonl"
+        demo.stage("select", lambda: select_gold(demo), probes, train)
+        demo.stage("sft-select", lambda: train_sft(demo, out / "variants" / "sft-select", selected, 0),
+                   probes, selected)
+    demo.stage("influence", lambda: run_influence(demo), probes, train, rollouts,
+               run_dir(demo, "rft", 0) / "rollouts.jsonl")
+    influence = [p / "influence.parquet" for p in influence_folders(demo)]
+    demo.stage("compare", lambda: run_compare(demo), *compare_sets(demo).values(), *influence)
+    demo.stage("figures", lambda: run_figures(demo), *sorted(out.glob("runs/*/eval.jsonl")),
+               *sorted(out.glob("variants/*/eval.jsonl")), out / "compare" / "samples.parquet", *influence)
+    demo.state["total_seconds"] = round(time.perf_counter() - t0, 1)
+    write_json(demo.state_path, demo.state)
+    from dynamics.analyses.report import write_report
+
+    return write_report(out, demo.state, WHY)
+
+
+def _seed(plan: DemoPlan, seed: int) -> str:
+    return "" if plan.seeds == 1 else f"-seed{seed}"
+
+
+def _last_checkpoint(run: Path) -> Path:
+    from dynamics.train.run import complete_checkpoints
+
+    ckpts = complete_checkpoints(run)
+    if not ckpts:
+        raise DynamicsError("the RFT run has no checkpoint", file=run)
+    return ckpts[-1][1]
+
