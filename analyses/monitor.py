@@ -32,23 +32,25 @@ def needs(study: Study) -> str | None:
 
 
 def tables(rows: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``path`` (per step: measured mean log p at refreshes, forecast mean log p) and ``intervals`` (per refresh
-    interval and probe: predicted and measured change)."""
+    """``path`` (per step and forecast ``segment`` -- the refresh it starts from: the forecast mean log p, and the
+    measured one at refreshes) and ``intervals`` (per refresh interval and probe: predicted and measured change)."""
     rows = sorted({r["step"]: r for r in rows}.values(), key=lambda r: r["step"])  # a resumed run repeats steps
     path, pairs = [], []
     start, base, cum = 0, None, None  # the last refresh: its step, measured log p per probe, predictions since
     for r in rows:
         if base is not None and "predicted_dlogp_per_probe" in r:
             cum = cum + np.asarray(r["predicted_dlogp_per_probe"])
+            path.append({"step": r["step"], "segment": start, "forecast": float(np.mean(base + cum)),
+                         "measured": np.nan})
         measured = r.get("measured_logp_per_probe")
-        path.append({"step": r["step"], "forecast": float(np.mean(base + cum)) if base is not None else np.nan,
-                     "measured": float(np.mean(measured)) if measured is not None else np.nan})
         if measured is not None:
             if base is not None:
                 change = np.asarray(measured) - base
                 pairs += [{"start": start, "end": r["step"], "probe": i, "predicted": float(p), "measured": float(m)}
                           for i, (p, m) in enumerate(zip(cum, change, strict=True))]
             start, base, cum = r["step"], np.asarray(measured), np.zeros(len(measured))
+            path.append({"step": r["step"], "segment": start, "forecast": float(np.mean(base)),
+                         "measured": float(np.mean(base))})
     return pd.DataFrame(path), pd.DataFrame(pairs, columns=["start", "end", "probe", "predicted", "measured"])
 
 
@@ -94,8 +96,9 @@ def plot(path: pd.DataFrame, pairs: pd.DataFrame) -> object:
         m = p.dropna(subset=["measured"])
         ax.plot(m["step"], m["measured"], color=s.color, marker="o", linestyle="none",
                 label=f"{style.display(label)}: measured")
-        f = p.dropna(subset=["forecast"])
-        ax.plot(f["step"], f["forecast"], color=s.color, linestyle="--", label=f"{style.display(label)}: forecast")
+        for i, (_, seg) in enumerate(p.groupby("segment")):  # one forecast path from each refresh
+            ax.plot(seg["step"], seg["forecast"], color=s.color, linestyle="--",
+                    label=f"{style.display(label)}: forecast" if i == 0 else None)
     ax.set(title="Mean probe log p over training", ylabel="log p (nats, summed over tokens)")
     style.step_axis(ax)
     ax = axes[1]

@@ -18,7 +18,9 @@ from dynamics.analyses import (
     influence_magnitude,
     knowledge_categories,
     learning_forgetting,
+    monitor,
     rollout_sign,
+    selection,
     training,
 )
 from dynamics.analyses.loader import Study, read_jsonl_table
@@ -363,3 +365,40 @@ def test_knowledge_categories_by_hand(two_sources):
     assert inf["sft", "facts", "mean_cosine"] == pytest.approx(cos_sft[:, :2].mean())  # probes p0, p1 are facts
     assert inf["rft", "math", "mean_cosine"] == pytest.approx(cos_rft[:, 2:].mean())
     assert f.stats["least_aligned"]["sft"] == ("facts" if cos_sft[:, :2].mean() < cos_sft[:, 2:].mean() else "math")
+
+
+# ------------------------------------------------------------------------------------- beyond the study
+def test_selection_by_hand(tmp_path):
+    """SFT on a selected set vs the whole gold set at equal steps: forgetting and learning differences."""
+    jsonl(tmp_path / "runs" / "sft" / "eval.jsonl", eval_rows(STEPS, **SFT))
+    select = dict(task=[0.0, 0.3, 0.6, 0.7], probe_acc=[1.0, 0.9, 0.9, 0.85], logp_base=[-0.5, -0.6, -0.65, -0.7])
+    jsonl(tmp_path / "variants" / "sft-select" / "eval.jsonl", eval_rows(STEPS, **select))
+    assert selection.needs(Study.discover(tmp_path / "runs")) is not None
+    f = selection.analyse(Study.discover(tmp_path))
+    assert f.claim("select_forgets_less").estimate == pytest.approx(-0.2 - (-0.6))
+    assert f.claim("select_forgets_less").verdict == "held"
+    # mean task accuracy over 0..30: selected (1.5 + 4.5 + 6.5) / 30, gold (2.5 + 6.5 + 8) / 30: slower
+    assert f.claim("select_learns_as_fast").estimate == pytest.approx(12.5 / 30 - 17 / 30)
+    assert f.claim("select_learns_as_fast").verdict == "did not hold"
+    assert f.stats["runs"]["sft-select"]["data"] == "gold, selected" and set(f.figures) == {"selection"}
+
+
+def test_monitor_forecast_against_measurement_by_hand(tmp_path):
+    """Refreshes at steps 0, 2, 4; per-probe predictions summed over each interval against measured changes."""
+    rows = [{"step": 0, "measured_logp_per_probe": [-1.0, -2.0, -3.0]},
+            {"step": 1, "predicted_dlogp_per_probe": [-0.1, 0.0, 0.1]},
+            {"step": 2, "predicted_dlogp_per_probe": [-0.1, -0.2, 0.1], "measured_logp_per_probe": [-1.3, -2.1, -2.7]},
+            {"step": 3, "predicted_dlogp_per_probe": [0.2, 0.0, -0.1]},
+            {"step": 4, "predicted_dlogp_per_probe": [0.1, 0.0, -0.1], "measured_logp_per_probe": [-1.0, -2.1, -3.0]}]
+    jsonl(tmp_path / "runs" / "sft" / "monitor.jsonl", rows)
+    jsonl(tmp_path / "runs" / "sft" / "metrics.jsonl", [{"step": s, "loss": 1.0} for s in range(1, 5)])
+    f = monitor.analyse(Study.discover(tmp_path))
+    pairs = f.tables["intervals"]
+    assert list(pairs["predicted"]) == pytest.approx([-0.2, -0.2, 0.2, 0.3, 0.0, -0.2])
+    assert list(pairs["measured"]) == pytest.approx([-0.3, -0.1, 0.3, 0.3, 0.0, -0.3])
+    c = f.claim("forecast_sft")
+    assert c.estimate == pytest.approx(np.corrcoef(pairs["predicted"], pairs["measured"])[0, 1])
+    path = f.tables["path"]
+    assert path[(path["step"] == 3)]["forecast"].item() == pytest.approx(np.mean([-1.1, -2.1, -2.8]))
+    (tmp_path / "empty").mkdir()
+    assert monitor.needs(Study.discover(tmp_path / "empty")) is not None
