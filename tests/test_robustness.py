@@ -230,6 +230,7 @@ def test_cli_rejects_bad_files_cleanly(tmp_path, main_in_process, monkeypatch):
     (["influence", "--ckpt", "tiny-llama", "--train", "{good}", "--probes", "{good}", "--out", "{out}",
       "--launcher", "slurm"], "launcher"),
     (["eval", "--model", "{tmp}/missing-ckpt", "--no-task", "--probes", "{good}", "--out", "{out}"], "missing-ckpt"),
+    (["train", "sft", "--model", "no-such-model-xyz", "--data", "{good}", "--out", "{out}"], "no-such-model-xyz"),
     (["rollouts", "--model", "tiny-llama", "--data", "{good}", "--keep", "some", "--out", "{out}/r.jsonl"], "keep"),
     (["rollouts", "--model", "tiny-llama", "--data", "{good}", "--samples", "0", "--out", "{out}/r.jsonl"],
      "samples"),
@@ -254,6 +255,8 @@ def test_cli_rejects_undecodable_image_and_long_prompt(tmp_path, main_in_process
     code, err = main_in_process("influence", "--ckpt", "tiny-llama", "--train", str(long), "--probes", str(long),
                                 "--out", str(out))
     assert_clean_error(code, err, "long.jsonl", "context", out)
+    code, err = main_in_process("train", "sft", "--model", "tiny-llama", "--data", str(long), "--out", str(out))
+    assert_clean_error(code, err, "long.jsonl:1", "context", out)
 
 
 def test_cli_rejects_a_corrupt_checkpoint(tmp_path, main_in_process, monkeypatch):

@@ -39,6 +39,7 @@ from dynamics.train.run import (
     lora_config,
     run_options_post_init,
     run_trainer,
+    setup_guard,
     start_run,
 )
 
@@ -231,8 +232,9 @@ def build_rft_trainer(config: RFTRunConfig, task: Any = None, records: Sequence[
         records = prompt_records(task, config.data, config.n_prompts, config.prompts_seed)
     if config.max_completion_length is None:
         config.max_completion_length = task.max_new_tokens
-    lm, info, resume_from = start_run(config, "rft", records, task=getattr(task, "name", config.task),
-                                      task_args=config.task_args)
+    with setup_guard(config):
+        lm, info, resume_from = start_run(config, "rft", records, task=getattr(task, "name", config.task),
+                                          task_args=config.task_args)
     if config.beta and not lm.is_peft and not config.lora_r:
         _reference_on_disk(lm, config)
     processing = TRLVisionProcessor(lm.processor) if lm.processor is not None else lm.tokenizer

@@ -24,7 +24,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -267,6 +267,18 @@ def start_run(config: Any, kind: str, records: Sequence[dict], **data: Any) -> t
               "sha256": data_fingerprint(config.data, None) if config.data else data_fingerprint(None, records)},
         config=config_dict(config), lora=bool(config.lora_r) or lm.is_peft)
     return lm, info, resume_from
+
+
+@contextlib.contextmanager
+def setup_guard(config: Any) -> Iterator[None]:
+    """Setting a run up (model, data) fails on the user's input: remove the run folder if this call made it."""
+    fresh = not Path(config.output_dir).exists()
+    try:
+        yield
+    except DynamicsError:
+        if fresh and config.should_save:
+            shutil.rmtree(config.output_dir, ignore_errors=True)
+        raise
 
 
 def lora_config(config: Any) -> Any:

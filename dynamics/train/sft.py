@@ -29,6 +29,7 @@ from dynamics.train.run import (
     lora_config,
     run_options_post_init,
     run_trainer,
+    setup_guard,
     start_run,
 )
 
@@ -49,15 +50,22 @@ class SFTRunConfig(RunOptions, SFTConfig):
         super().__post_init__()
 
 
-def sft_dataset(processing_class: Any, records: Sequence[dict], max_length: int | None = None) -> Any:
-    """Pre-tokenized rows ``id, input_ids, completion_mask`` (+ ``pixel_values, image_grid_thw``)."""
+def sft_dataset(processing_class: Any, records: Sequence[dict], max_length: int | None = None,
+                file: str | None = None) -> Any:
+    """Pre-tokenized rows ``id, input_ids, completion_mask`` (+ ``pixel_values, image_grid_thw``); errors name
+    ``file`` and the record's line in it."""
     from datasets import Dataset
 
     rows = []
-    for rec in records:
+    for line, rec in enumerate(records, start=1):
         if not rec.get("completion"):
-            raise DynamicsError("SFT needs a completion in every record", field=f"completion (record {rec['id']})")
-        enc = encode_record(processing_class, rec, max_length)
+            raise DynamicsError("SFT needs a completion in every record", file=file, line=line if file else None,
+                                field=f"completion (record {rec['id']})")
+        try:
+            enc = encode_record(processing_class, rec, max_length)
+        except DynamicsError as e:
+            raise DynamicsError(e.message, file=e.file or file, line=e.line or (line if file else None),
+                                field=e.field) from None
         row = {"id": rec["id"], "input_ids": enc.input_ids, "completion_mask": enc.completion_mask}
         if enc.pixel_values is not None:
             row["pixel_values"] = enc.pixel_values.tolist()
@@ -97,8 +105,9 @@ def build_sft_trainer(config: SFTRunConfig, records: Sequence[dict] | None = Non
         if not config.data:
             raise DynamicsError("no training data: give --data FILE", field="data")
         records = read_records(config.data)
-    lm, info, resume_from = start_run(config, "sft", records)
-    dataset = sft_dataset(lm.processing_class, records, context_length(lm.model))
+    with setup_guard(config):
+        lm, info, resume_from = start_run(config, "sft", records)
+        dataset = sft_dataset(lm.processing_class, records, context_length(lm.model), config.data)
     trainer = DynamicsSFTTrainer(model=lm.model, args=config, train_dataset=dataset, processing_class=lm.tokenizer,
                                  data_collator=CompletionCollator(lm.tokenizer.pad_token_id),
                                  callbacks=run_callbacks(config, lm, callbacks),
