@@ -91,6 +91,9 @@ def read_jsonl_table(path: str | os.PathLike, required: tuple[str, ...] = (),
             if i == len(lines):
                 break
             raise DynamicsError(f"invalid JSON: {e.msg} (column {e.colno})", file=path, line=i) from None
+        except (ValueError, RecursionError) as e:  # an integer too long to convert, JSON nested too deep
+            raise DynamicsError(f"unreadable JSON: {str(e).splitlines()[0] or type(e).__name__}", file=path,
+                                line=i) from None
         if not isinstance(row, dict):
             raise DynamicsError(f"expected a JSON object, got {type(row).__name__}", file=path, line=i)
         for col in required:

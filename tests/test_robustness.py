@@ -286,3 +286,13 @@ def test_cli_subprocess_prints_one_line_and_exits_2(tmp_path, cli):
     ]:
         res = cli(*args, cwd=tmp_path)
         assert_clean_error(res.returncode, res.stderr, name, why, out)
+
+
+@pytest.mark.parametrize("text", ['{"step": ' + "9" * 5000 + "}", "[" * 100_000])
+def test_analyses_reader_names_the_line_of_unreadable_json(tmp_path, text):
+    from dynamics.analyses.loader import read_jsonl_table
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(text + '\n{"step": 1}\n')
+    with pytest.raises(DynamicsError, match=r"metrics\.jsonl:1: unreadable JSON"):
+        read_jsonl_table(path, ("step",))
