@@ -23,6 +23,7 @@ was interrupted resumes from its newest checkpoint.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import random
@@ -37,6 +38,7 @@ from dynamics.errors import DynamicsError
 from dynamics.store import versions, write_json
 
 DEMO_FORMAT = 1
+INFLUENCE_MEMORY_GB = 3.0  # probe-store budget of each influence computation (the rest stays in ghost form)
 
 
 @dataclass
@@ -45,36 +47,35 @@ class DemoPlan:
 
     model: str = "default"
     task_args: str = "preset=text"
-    probe_pool: int | None = 120  # built-in probes scored by the base model (an even sample; None: all)
+    probe_pool: int | None = 60  # built-in probes scored by the base model (an even sample; None: all)
     keep_correct: bool = True  # probes: keep what the base model answers correctly
-    n_probes: int = 40  # probes used by the study (an even sample per category of those kept)
-    n_train: int = 64  # training prompts: gold answers for SFT, the same prompts for RFT and rollouts
-    n_eval: int = 32  # held-out prompts evaluated during training
-    steps: int = 10  # optimizer steps of every run
-    batch: int = 8  # samples per SFT step (RFT: prompts_per_step x group completions)
-    sft_lr: float = 1e-4
-    rft_lr: float = 1e-5
-    rft_prompts: int = 2  # prompts per GRPO step
+    n_probes: int = 24  # probes used by the study (an even sample per category of those kept)
+    n_train: int = 32  # training prompts: gold answers for SFT, the same prompts for RFT and rollouts
+    n_eval: int = 16  # held-out prompts evaluated during training
+    steps: int = 4  # optimizer steps of every run
+    batch: int = 8  # samples per SFT step (RFT: rft_prompts x group completions)
+    sft_lr: float = 2e-4
+    rft_lr: float = 2e-5
+    rft_prompts: int = 1  # prompts per GRPO step
     group: int = 8  # GRPO group size
     temperature: float = 0.7  # sampling temperature of GRPO and of the simulated rollouts
-    eval_every: int = 5
+    eval_every: int = 4
     checkpoints: str = "none"  # extra checkpoints of every run (the last step is always saved)
     rollout_samples: int = 4  # simulated rollouts: samples per training prompt
     rollout_keep: str = "correct"
-    influence_n: int = 12  # training samples per set in the influence analysis
+    influence_n: int = 6  # training samples per set in the influence analysis
     seeds: int = 1
     base_rollouts: bool = False  # variant: SFT on rollouts sampled from the base model
     select: bool = False  # variant: SFT on the gold set pruned by `dynamics select` (drop-harmful, half)
     monitor: bool = False  # the live interference monitor on the SFT run
     bf16: bool = True
-    max_new_tokens: int = 24  # probe answers during evaluation
+    max_new_tokens: int = 24  # probe answers (building the probes and evaluating them)
 
 
 PLANS: dict[str, DemoPlan] = {
     "quick": DemoPlan(),
-    "full": DemoPlan(probe_pool=None, n_probes=60, n_train=128, n_eval=48, steps=30, eval_every=5,
-                     checkpoints="steps:10", rollout_samples=8, influence_n=24, base_rollouts=True, select=True,
-                     monitor=True),
+    "full": DemoPlan(probe_pool=120, n_probes=32, n_train=48, n_eval=16, steps=16, eval_every=4,
+                     rollout_samples=8, influence_n=16, select=True, monitor=True),
     "vlm": DemoPlan(model="tiny-qwen2.5-vl", task_args="preset=image-direct,patch_size=14", probe_pool=None,
                     keep_correct=False, n_probes=8, n_train=16, n_eval=8, steps=4, batch=4, sft_lr=1e-3,
                     rft_lr=1e-3, group=4, eval_every=2, rollout_samples=2, rollout_keep="all", influence_n=4,
@@ -83,18 +84,27 @@ PLANS: dict[str, DemoPlan] = {
 
 # why the defaults are what they are (printed in the report)
 WHY = [
-    "The text jigsaw with three pieces (preset `text`): the base model is near chance (greedy 27%, chance 20%) "
-    "and samples at temperature 0.7 are right about 10% of the time (5% at temperature 1), with a correct sample "
-    "for about a third of the prompts in 8, so GRPO has a reward signal and the simulated rollouts exist; with "
-    "four pieces GRPO found almost no correct sample at this scale.",
+    "The text jigsaw with three pieces (preset `text`): the base model is near chance (greedy about 25%, chance "
+    "20%) and samples at temperature 0.7 are right about 10% of the time (5% at temperature 1), with a correct "
+    "sample for about a third of the prompts in 8, so GRPO has a reward signal and the simulated rollouts exist; "
+    "with four pieces, or without the worked example, the base model finds almost no correct sample.",
     "Probes are those the base model answers correctly, so any drop is forgetting; their continuous measure is "
-    "the log p of the base model's own responses, which tracks forgetting when short gold answers do not.",
-    "Every run has the same steps, batch, optimiser (AdamW), checkpoints and evaluation; learning rates are per "
-    "method as in practice (GRPO's policy-gradient steps need a smaller one) and stated in the plan table.",
+    "the per-token log p of the base model's own responses, which tracks forgetting when short gold answers do not.",
+    "Every run has the same steps, samples per step (SFT batch 8; GRPO 1 prompt x 8 completions), optimiser "
+    "(AdamW, constant learning rate), checkpoints and evaluation. Learning rates are per method as in practice: "
+    "GRPO's policy-gradient steps take a smaller one. On 2 CPU cores a step costs about 7 s (SFT) and 10 s "
+    "(GRPO) on these 190-token prompts, so the runs are short: SFT starts learning the task within them, GRPO "
+    "barely moves -- which is the study's first finding, and also why forgetting is small at this scale.",
     "Simulated rollouts are sampled from the RFT-trained model (as in the study) on the training prompts and "
-    "filtered to the correct ones; rollouts of the base model are a variant (full mode).",
-    "Influence uses the summed completion log-likelihood over all completion tokens (the study's measure), "
-    "at the base model and at each run's checkpoints, on an even sample of each training set.",
+    "filtered to the correct ones. With this direct-answer preset a correct rollout is mostly the gold answer "
+    "string itself, so SFT on rollouts differs from SFT on gold answers in which prompts it trains on (those the "
+    "model already solves) rather than in wording; the `text-think` preset gives rollouts their own wording at "
+    "several times the cost.",
+    "Influence uses the summed completion log-likelihood over all completion tokens (the study's measure), at "
+    "the base model and at each run's last checkpoint, on an even sample of each training set; RFT's samples are "
+    "the rollouts its first steps trained on that carry a gradient (non-zero advantage).",
+    "`--quick` is a smoke run of the whole pipeline (4 steps, a few dozen probes and prompts): its intervals are "
+    "wide and most claims come out inconclusive. The full plan adds the `select` variant and the live monitor.",
 ]
 
 
@@ -221,7 +231,7 @@ def _run_options(demo: Demo, out: Path, seed: int) -> dict[str, Any]:
     return dict(output_dir=str(out), model=p.model, max_steps=p.steps, seed=seed, bf16=p.bf16,
                 checkpoint_schedule=p.checkpoints, optimizer_state="last", eval_every=p.eval_every,
                 eval_data=str(demo.out / "data" / "heldout.jsonl"), probes=str(demo.out / "probes.jsonl"),
-                eval_batch_size=16, resume=True, lr_scheduler_type="constant", warmup_steps=0,
+                eval_batch_size=16, eval_probe_tokens=p.max_new_tokens, resume=True, lr_scheduler_type="constant", warmup_steps=0,
                 disable_tqdm=not demo.progress)
 
 
@@ -263,7 +273,7 @@ def select_gold(demo: Demo) -> None:
     select(SelectConfig(data=str(demo.out / "data" / "train.jsonl"), probes=str(demo.out / "probes.jsonl"),
                         out=str(demo.out / "data" / "train-select.jsonl"), budget="0.5",
                         strategy="drop-harmful", model=demo.plan.model,
-                        influence=InfluenceConfig(tokens="content")))
+                        influence=InfluenceConfig(tokens="content", max_memory_gb=INFLUENCE_MEMORY_GB)))
 
 
 def influence_sets(demo: Demo) -> dict[str, tuple[list[dict], str]]:
@@ -289,7 +299,7 @@ def influence_sets(demo: Demo) -> dict[str, tuple[list[dict], str]]:
 
 def run_influence(demo: Demo) -> None:
     from dynamics.data import write_records
-    from dynamics.influence import InfluenceRun, run
+    from dynamics.influence import InfluenceConfig, InfluenceRun, run
 
     for label, (records, run_label) in influence_sets(demo).items():
         out = demo.out / "influence" / label
@@ -298,7 +308,8 @@ def run_influence(demo: Demo) -> None:
         train = write_records(out / "train.jsonl", records, relative_images=True)
         ckpts = [demo.plan.model, str(run_dir(demo, run_label, 0))]
         run(InfluenceRun(ckpts=ckpts, train=str(train), probes=str(demo.out / "probes.jsonl"), out=str(out),
-                         resume=True))
+                         config=InfluenceConfig(max_memory_gb=INFLUENCE_MEMORY_GB), resume=True))
+        gc.collect()  # the model and probe store of this set go before the next set's are built
 
 
 def compare_sets(demo: Demo) -> dict[str, Path]:

@@ -162,7 +162,8 @@ def test_visual_suite_and_logp_on_the_tiny_vlm(tiny_vl, tmp_path):
 def built(default_lm, tmp_path_factory):
     """The default model's kept suite, built once (the model is the session's, passed in by spec)."""
     out = tmp_path_factory.mktemp("probes") / "probes.jsonl"
-    summary = build_probes(ProbeBuildConfig(model="default", keep_correct=True, progress=False), out, lm=default_lm)
+    summary = build_probes(ProbeBuildConfig(model="default", keep_correct=True, max_new_tokens=24, progress=False),
+                           out, lm=default_lm)
     return out, summary
 
 
@@ -178,7 +179,7 @@ def test_build_keeps_what_the_default_model_knows(built, default_lm):
     assert len({p["meta"]["category"] for p in kept}) == 5
     # the stored responses are the model's greedy answers: re-scoring a sample gives 100% by construction
     sample = kept[::5]
-    df = score_probes(default_lm, sample, progress=False)
+    df = score_probes(default_lm, sample, max_new_tokens=24, progress=False)
     assert df["correct"].all()
     assert list(df["response"]) == [p["meta"]["base_response"] for p in sample]
     # its own response is far more likely under the model than the terse gold answer

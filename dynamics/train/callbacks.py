@@ -200,7 +200,7 @@ def eval_callback(config: Any, lm: LoadedModel, run_dir: str | Path, task: str |
     args = config.eval_task_args if config.eval_task else (config.eval_task_args or task_args)
     ec = EvalConfig(task=None if config.eval_data else name, task_args=args or "", task_data=config.eval_data,
                     n_task=config.eval_n, task_seed=config.eval_seed, probes=config.probes,
-                    batch_size=config.eval_batch_size, progress=False)
+                    batch_size=config.eval_batch_size, probe_max_new_tokens=config.eval_probe_tokens, progress=False)
     task_records, probes = load_inputs(ec, run_dir, kind=lm.kind) if config.should_save else ([], [])
     return EvalCallback(lm, task_records, probes, ec, config.eval_every, run_dir)
 

@@ -66,6 +66,7 @@ class RunOptions:
     probes: str | None = field(default=None, metadata={"help": "Probes evaluated during training: a records "
                                                                 "file or a built-in suite (default: text / visual)."})
     eval_batch_size: int = 16
+    eval_probe_tokens: int = field(default=48, metadata={"help": "Answer budget of probes evaluated in the run."})
     monitor: str | None = field(default=None, metadata={"help": "Probe records the live interference monitor "
                                                                 "forecasts (writes monitor.jsonl)."})
     monitor_refresh: int = field(default=10, metadata={"help": "Recompute the probes' gradients every N steps."})
