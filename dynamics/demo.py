@@ -47,6 +47,7 @@ class DemoPlan:
 
     model: str = "default"
     task_args: str = "preset=text"
+    probe_suite: str = "text"  # built-in suite (text, or visual for VLMs) or a probes file
     probe_pool: int | None = 60  # built-in probes scored by the base model (an even sample; None: all)
     keep_correct: bool = True  # probes: keep what the base model answers correctly
     n_probes: int = 24  # probes used by the study (an even sample per category of those kept)
@@ -76,7 +77,8 @@ PLANS: dict[str, DemoPlan] = {
     "quick": DemoPlan(),
     "full": DemoPlan(probe_pool=120, n_probes=32, n_train=48, n_eval=16, steps=16, eval_every=4,
                      rollout_samples=8, influence_n=16, select=True, monitor=True),
-    "vlm": DemoPlan(model="tiny-qwen2.5-vl", task_args="preset=image-direct,patch_size=14", probe_pool=None,
+    "vlm": DemoPlan(model="tiny-qwen2.5-vl", task_args="preset=image-direct,patch_size=28", probe_suite="visual",
+                    probe_pool=None,
                     keep_correct=False, n_probes=8, n_train=16, n_eval=8, steps=4, batch=4, sft_lr=1e-3,
                     rft_lr=1e-3, group=4, eval_every=2, rollout_samples=2, rollout_keep="all", influence_n=4,
                     bf16=False, max_new_tokens=8),
@@ -92,9 +94,10 @@ WHY = [
     "the per-token log p of the base model's own responses, which tracks forgetting when short gold answers do not.",
     "Every run has the same steps, samples per step (SFT batch 8; GRPO 1 prompt x 8 completions), optimiser "
     "(AdamW, constant learning rate), checkpoints and evaluation. Learning rates are per method as in practice: "
-    "GRPO's policy-gradient steps take a smaller one. On 2 CPU cores a step costs about 7 s (SFT) and 10 s "
-    "(GRPO) on these 190-token prompts, so the runs are short: SFT starts learning the task within them, GRPO "
-    "barely moves -- which is the study's first finding, and also why forgetting is small at this scale.",
+    "GRPO's policy-gradient steps take a smaller one (SFT's is high enough to move the model within a few "
+    "steps). On 2 CPU cores a step costs 7-14 s (SFT) and 10-15 s (GRPO) on these 190-token prompts, so runs "
+    "are short: shorter than SFT needs to learn the jigsaw well (about 75 steps on a 4-piece variant), long "
+    "enough for forgetting and for the influence measures.",
     "Simulated rollouts are sampled from the RFT-trained model (as in the study) on the training prompts and "
     "filtered to the correct ones. With this direct-answer preset a correct rollout is mostly the gold answer "
     "string itself, so SFT on rollouts differs from SFT on gold answers in which prompts it trains on (those the "
@@ -193,12 +196,11 @@ def _even_sample(records: list[dict], n: int | None) -> list[dict]:
 def build_probes(demo: Demo) -> None:
     """Score an even sample of the built-in suite with the base model; keep an even sample of what it knows."""
     from dynamics.data import read_records, write_records
-    from dynamics.probes import ProbeBuildConfig, build_probes, load_probes, text_suite
+    from dynamics.probes import ProbeBuildConfig, build_probes, load_probes
 
     p = demo.plan
     pool_path = demo.out / "work" / "probe_pool.jsonl"
-    vlm = p.model == "tiny-qwen2.5-vl" or "vl" in p.model.lower()
-    pool = load_probes("visual", image_dir=demo.out / "work" / "probe_images") if vlm else text_suite()
+    pool = load_probes(p.probe_suite, image_dir=demo.out / "work" / "probe_images")
     write_records(pool_path, _even_sample(pool, p.probe_pool), relative_images=True)
     built = demo.out / "work" / "probes_built.jsonl"
     summary = build_probes(ProbeBuildConfig(model=p.model, suite=str(pool_path), keep_correct=p.keep_correct,
@@ -291,7 +293,8 @@ def influence_sets(demo: Demo) -> dict[str, tuple[list[dict], str]]:
     def sample(records: list[dict]) -> list[dict]:
         return [records[i] for i in sorted(rng.sample(range(len(records)), min(n, len(records))))]
 
-    rft_rollouts = [r for r in rollouts_from_run(run_dir(demo, "rft", 0)) if abs(r.get("advantage") or 0) > 1e-6]
+    logged = rollouts_from_run(run_dir(demo, "rft", 0))
+    rft_rollouts = [r for r in logged if abs(r.get("advantage") or 0) > 1e-6] or logged  # (all equal rewards)
     return {"sft": (sample(read_records(demo.out / "data" / "train.jsonl")), "sft"),
             "rft": (rft_rollouts[:n], "rft"),
             "sft-rollouts": (sample(read_records(demo.out / "data" / "rollouts.jsonl")), "sft-rollouts")}

@@ -119,7 +119,7 @@ def test_eval_of_a_run_resumes_after_sigkill_without_reevaluating(tmp_path):
     run = tmp_path / "run"
     train_sft(load_config(SFTRunConfig, None, model="tiny-llama", output_dir=str(run), max_steps=6,
                           learning_rate=3e-3, per_device_train_batch_size=4, disable_tqdm=True, seed=0,
-                          checkpoint_every=2), records(12))
+                          checkpoint_every=1), records(12))  # six checkpoints: the kill lands between two
     probes = write_records(tmp_path / "probes.jsonl", records(24, "p"))
     args = ["eval", "--model", str(run), "--no-task", "--probes", str(probes), "--probe-max-new-tokens", "24",
             "--batch-size", "4"]
@@ -128,7 +128,7 @@ def test_eval_of_a_run_resumes_after_sigkill_without_reevaluating(tmp_path):
     start_and_kill([*args, "--out", str(out)], out, "eval.parquet", signal.SIGKILL, seed=2,
                    ready=lambda found: pd.read_parquet(out / "eval.parquet")["step"].nunique() >= 2)
     finished = sorted(set(pd.read_parquet(out / "eval.parquet")["step"]))
-    assert 2 <= len(finished) < 3
+    assert 2 <= len(finished) < 6
     # a finished checkpoint past the first (which eval loads anyway, to pick the default probe suite) cannot
     # be loaded any more: evaluating it again would fail
     for step in finished[1:]:
