@@ -17,6 +17,8 @@ def demo(
     vlm: bool = typer.Option(False, "--vlm", help="The same pipeline on the tiny Qwen2.5-VL with image jigsaw "
                              "(mechanics only)."),
     seeds: int | None = typer.Option(None, "--seeds", help="Runs per configuration (default 1)."),
+    base_rollouts: bool = typer.Option(False, "--base-rollouts", help="Add SFT on rollouts sampled from the base "
+                                       "model (a variant of the simulated rollouts, sampled from the RFT model)."),
     force: bool = typer.Option(False, "--force", help="Recompute every stage instead of reusing stored results."),
 ) -> None:
     """SFT vs RFT vs SFT on simulated rollouts: learning, forgetting and influence; report.md + report.html."""
@@ -24,7 +26,8 @@ def demo(
 
     from dynamics.demo import DemoConfig, run_demo
 
-    report = run_demo(DemoConfig(out=str(out), quick=quick, vlm=vlm, seeds=seeds, force=force), log=console.print)
+    report = run_demo(DemoConfig(out=str(out), quick=quick, vlm=vlm, seeds=seeds, base_rollouts=base_rollouts,
+                                     force=force), log=console.print)
     state = json.loads((out / "demo.json").read_text())
     table = Table(title="where the time went")
     for col in ("stage", "seconds", "this time"):

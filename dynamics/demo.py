@@ -50,9 +50,9 @@ class DemoPlan:
     probe_suite: str = "text"  # built-in suite (text, or visual for VLMs) or a probes file
     probe_pool: int | None = 60  # built-in probes scored by the base model (an even sample; None: all)
     keep_correct: bool = True  # probes: keep what the base model answers correctly
-    n_probes: int = 24  # probes used by the study (an even sample per category of those kept)
+    n_probes: int = 16  # probes used by the study (an even sample per category of those kept)
     n_train: int = 32  # training prompts: gold answers for SFT, the same prompts for RFT and rollouts
-    n_eval: int = 16  # held-out prompts evaluated during training
+    n_eval: int = 12  # held-out prompts evaluated during training
     steps: int = 4  # optimizer steps of every run
     batch: int = 8  # samples per SFT step (RFT: rft_prompts x group completions)
     sft_lr: float = 2e-4
@@ -99,7 +99,8 @@ WHY = [
     "are short: shorter than SFT needs to learn the jigsaw well (about 75 steps on a 4-piece variant), long "
     "enough for forgetting and for the influence measures.",
     "Simulated rollouts are sampled from the RFT-trained model (as in the study) on the training prompts and "
-    "filtered to the correct ones. With this direct-answer preset a correct rollout is mostly the gold answer "
+    "filtered to the correct ones (`--base-rollouts` adds SFT on the base model's own correct samples as a "
+    "variant). With this direct-answer preset a correct rollout is mostly the gold answer "
     "string itself, so SFT on rollouts differs from SFT on gold answers in which prompts it trains on (those the "
     "model already solves) rather than in wording; the `text-think` preset gives rollouts their own wording at "
     "several times the cost.",
@@ -120,6 +121,7 @@ class DemoConfig:
     vlm: bool = False
     force: bool = False
     seeds: int | None = None
+    base_rollouts: bool = False  # add the variant: SFT on rollouts sampled from the base model
     progress: bool = True
     plan: DemoPlan | None = None  # overrides the named plan (tests)
 
@@ -130,6 +132,8 @@ class DemoConfig:
             if self.seeds < 1:
                 raise DynamicsError("--seeds must be >= 1", field="seeds")
             plan = replace(plan, seeds=self.seeds)
+        if self.base_rollouts:
+            plan = replace(plan, base_rollouts=True)
         return name, plan
 
 

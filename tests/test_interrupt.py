@@ -164,3 +164,23 @@ def test_train_resumes_after_sigkill_to_the_uninterrupted_weights(tmp_path):
     a = load_file(full.run / "checkpoint-40" / "model.safetensors")
     b = load_file(run / "checkpoint-40" / "model.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_demo_resumes_after_sigkill_without_redoing_finished_stages(tmp_path):
+    """`dynamics demo --vlm` killed during its RFT run: rerun, the stages done before are reused as they are (same
+    files), the rest completes, and the report is written."""
+    import json
+
+    out = tmp_path / "demo"
+    start_and_kill(["demo", "--vlm", "--out", str(out)], out / "runs" / "rft", "metrics.jsonl", signal.SIGKILL,
+                   seed=3, timeout=240)
+    state = json.loads((out / "demo.json").read_text())
+    done = list(state["stages"])
+    assert done[:3] == ["probes", "data", "sft"] and "rft" not in done
+    sft_ckpt = next((out / "runs" / "sft").glob("checkpoint-*/model.safetensors"))
+    before = sft_ckpt.stat().st_mtime_ns
+    run_ok("demo", "--vlm", "--out", str(out))
+    state = json.loads((out / "demo.json").read_text())
+    assert all(state["stages"][s]["cached"] for s in done) and not state["stages"]["rft"]["cached"]
+    assert sft_ckpt.stat().st_mtime_ns == before
+    assert (out / "report.md").is_file() and (out / "report.html").is_file()

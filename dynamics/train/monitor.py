@@ -23,6 +23,7 @@ steps the measured probe log-likelihood, so predictions can be checked against m
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import time
 from dataclasses import dataclass
@@ -61,7 +62,7 @@ class MonitorConfig:
     tokens: str = "all"
     top: int = 3
     batch_size: int = 8
-    max_memory_gb: float | None = None
+    max_memory_gb: float | None = 4.0  # probe store (the rest stays in ghost form); training needs the rest
 
     def influence_config(self) -> InfluenceConfig:
         cfg = InfluenceConfig(params=self.params, target=self.target, tokens=self.tokens,
@@ -134,6 +135,8 @@ class InterferenceMonitor(TrainerCallback):
     # -- probe store -------------------------------------------------------------------------------------------
     def _refresh(self, step: int) -> dict:
         """Recompute the probes' gradients at the current weights; return their measured log p."""
+        self.store = None  # the old probe store goes before the new one is built (two would not fit in memory)
+        gc.collect()
         model = self.trainer.model if self.trainer is not None else self.lm.model
         lm = LoadedModel(model=model, tokenizer=self.lm.tokenizer, kind=self.lm.kind, name=self.lm.name,
                          processor=self.lm.processor)
