@@ -282,8 +282,8 @@ def select_gold(demo: Demo) -> None:
                         influence=InfluenceConfig(tokens="content", max_memory_gb=INFLUENCE_MEMORY_GB)))
 
 
-def influence_sets(demo: Demo) -> dict[str, tuple[list[dict], str]]:
-    """Training samples of each source (an even, seeded sample) and the run whose checkpoints are analysed.
+def influence_sets(demo: Demo) -> dict[str, list[dict]]:
+    """Training samples of each source (an even, seeded sample), analysed at the checkpoints of its own run.
 
     RFT's data are the rollouts its first steps trained on that carry a gradient (non-zero advantage), taken in
     order of generation; SFT's the gold answers; SFT-on-rollouts' the kept simulated rollouts."""
@@ -299,21 +299,20 @@ def influence_sets(demo: Demo) -> dict[str, tuple[list[dict], str]]:
 
     logged = rollouts_from_run(run_dir(demo, "rft", 0))
     rft_rollouts = [r for r in logged if abs(r.get("advantage") or 0) > 1e-6] or logged  # (all equal rewards)
-    return {"sft": (sample(read_records(demo.out / "data" / "train.jsonl")), "sft"),
-            "rft": (rft_rollouts[:n], "rft"),
-            "sft-rollouts": (sample(read_records(demo.out / "data" / "rollouts.jsonl")), "sft-rollouts")}
+    return {"sft": sample(read_records(demo.out / "data" / "train.jsonl")), "rft": rft_rollouts[:n],
+            "sft-rollouts": sample(read_records(demo.out / "data" / "rollouts.jsonl"))}
 
 
 def run_influence(demo: Demo) -> None:
     from dynamics.data import write_records
     from dynamics.influence import InfluenceConfig, InfluenceRun, run
 
-    for label, (records, run_label) in influence_sets(demo).items():
+    for label, records in influence_sets(demo).items():
         out = demo.out / "influence" / label
         if demo.fresh and out.exists():
             shutil.rmtree(out)
         train = write_records(out / "train.jsonl", records, relative_images=True)
-        ckpts = [demo.plan.model, str(run_dir(demo, run_label, 0))]
+        ckpts = [demo.plan.model, str(run_dir(demo, label, 0))]
         run(InfluenceRun(ckpts=ckpts, train=str(train), probes=str(demo.out / "probes.jsonl"), out=str(out),
                          config=InfluenceConfig(max_memory_gb=INFLUENCE_MEMORY_GB), resume=True))
         gc.collect()  # the model and probe store of this set go before the next set's are built
