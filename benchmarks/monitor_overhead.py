@@ -20,6 +20,7 @@ from pathlib import Path
 from benchmarks.train_steps import step_times
 from dynamics.data import write_records
 from dynamics.probes import text_suite
+from dynamics.runtime import tune_cpu_allocator
 from dynamics.tasks import get_task
 from dynamics.train.run import load_config
 from dynamics.train.sft import SFTRunConfig, train_sft
@@ -33,6 +34,7 @@ def main() -> None:
     ap.add_argument("--params", default="linear")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    tune_cpu_allocator()  # as the dynamics command does
     records = get_task("jigsaw").build(8 * (args.steps + 1), 0)
     out = {"steps": args.steps, "probes": args.probes, "bf16": args.bf16, "params": args.params,
            "load_avg_before": os.getloadavg()}

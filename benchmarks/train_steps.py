@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from dynamics.runtime import tune_cpu_allocator
 from dynamics.store import read_jsonl_rows
 from dynamics.tasks import get_task, parse_task_args
 from dynamics.train.rft import RFTRunConfig, train_rft
@@ -45,6 +46,7 @@ def main() -> None:
     ap.add_argument("--task-args", default="", help="jigsaw options, e.g. preset=text-0shot")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    tune_cpu_allocator()  # as the dynamics command does
     if args.threads:
         torch.set_num_threads(args.threads)
     bf16 = not args.no_bf16

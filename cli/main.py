@@ -11,6 +11,7 @@ import sys
 import dynamics.cli
 from dynamics.cli.app import app
 from dynamics.errors import DynamicsError
+from dynamics.runtime import tune_cpu_allocator
 
 # every ``*_cmd`` module of this package registers its commands on ``app`` when imported
 for _mod in pkgutil.iter_modules(dynamics.cli.__path__):
@@ -24,6 +25,7 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    tune_cpu_allocator()
     try:
         app()
     except DynamicsError as e:

@@ -230,11 +230,14 @@ def build_data(demo: Demo) -> None:
 
 
 def _run_options(demo: Demo, out: Path, seed: int) -> dict[str, Any]:
-    """What every run shares: steps, checkpoints, in-run evaluation, bf16, seed; resumes an interrupted run."""
+    """What every run shares: steps, checkpoints, in-run evaluation, bf16, seed; resumes an interrupted run.
+    Every run starts from the same base model, so all but the first copy its step-0 evaluation."""
     p = demo.plan
     if demo.fresh and out.exists():
         shutil.rmtree(out)
+    first = run_dir(demo, "sft", 0)
     return dict(output_dir=str(out), model=p.model, max_steps=p.steps, seed=seed, bf16=p.bf16,
+                eval_base_from=None if out == first else str(first),
                 checkpoint_schedule=p.checkpoints, optimizer_state="last", eval_every=p.eval_every,
                 eval_data=str(demo.out / "data" / "heldout.jsonl"), probes=str(demo.out / "probes.jsonl"),
                 eval_batch_size=16, eval_probe_tokens=p.max_new_tokens, resume=True, lr_scheduler_type="constant", warmup_steps=0,

@@ -117,7 +117,7 @@ class LowRank:
         """Materialise ``(B, d_out * d_in)``."""
         dtype = (self.out.dense if self.out.dense is not None else self.inp.dense).dtype
         out, inp = self.out.to_dense(dtype), self.inp.to_dense(dtype)
-        return torch.einsum("bto,bti->boi", out, inp).reshape(self.batch, -1)
+        return torch.bmm(out.transpose(1, 2), inp).reshape(self.batch, -1)  # (einsum may pick a slower order)
 
 
 def lowrank_inner(a: LowRank, b: LowRank) -> Tensor:
@@ -169,11 +169,9 @@ def inner(a: ParamGrad, b: ParamGrad) -> Tensor:
 
 def self_inner(a: ParamGrad) -> Tensor:
     """‖g[i]‖² for each sample, ``(B,)``."""
-    if a.dense is not None and not a.terms:
-        return (a.dense * a.dense).sum(-1)
     if a.dense is not None:
         m = a.materialise()
-        return (m * m).sum(-1)
+        return torch.linalg.vecdot(m, m)
     total = 0
     for i, ta in enumerate(a.terms):
         for j, tb in enumerate(a.terms):

@@ -300,7 +300,7 @@ def _probe_pass(engine: _GradientPass, probes: Batches, plan: FormPlan, weights:
             if plan.dense(name):
                 if name not in store.dense:
                     store.dense[name] = torch.zeros(store.n, engine.recorder.params[name].numel(),
-                                                    dtype=engine.compute_dtype or engine.recorder.params[name].dtype)
+                                                    dtype=engine.recorder.dtype or engine.recorder.params[name].dtype)
                 store.dense[name][index] = pg.materialise()
             if not plan.dense(name) or (keep_lowrank and pg.terms):
                 store.lowrank.setdefault(name, []).append((index, pg))
@@ -338,7 +338,7 @@ def contract(recorder: Recorder, store: ProbeStore, name: str, pg: ParamGrad, bu
     ‖g(u)‖², ``(B,)`` (float64, on the CPU), by the cheaper contraction for this batch."""
     if _use_dense(recorder, store, name, pg, budget, used):
         g = pg.materialise()
-        return (g @ store.dense[name].T).double().cpu(), (g * g).sum(1).double().cpu()
+        return (g @ store.dense[name].T).double().cpu(), torch.linalg.vecdot(g, g).double().cpu()
     rows = None
     for pidx, ppg in store.lowrank[name]:
         k = inner(pg, ppg).double().cpu()

@@ -20,11 +20,11 @@ TRAIN = [{"id": f"t{i}", "prompt": [{"role": "user", "content": "abc " * (i + 1)
 PROBES = [{"id": f"p{i}", "prompt": "q" * (2 * i + 1), "completion": "answer"[: i + 2]} for i in range(3)]
 
 
-def _sft_with_monitor(tmp_path, model, params, steps, lr, records=TRAIN, probes=PROBES, batch=4):
+def _sft_with_monitor(tmp_path, model, params, steps, lr, records=TRAIN, probes=PROBES, batch=4, bf16=False):
     (tmp_path / "probes.jsonl").write_text("".join(json.dumps(p) + "\n" for p in probes))
     cfg = SFTRunConfig(output_dir=str(tmp_path / "run"), model=model, max_steps=steps,
                        per_device_train_batch_size=batch, learning_rate=lr, optim="sgd", lr_scheduler_type="constant",
-                       seed=0, max_grad_norm=0.0)
+                       seed=0, max_grad_norm=0.0, bf16=bf16)
     trainer, resume = build_sft_trainer(cfg, records=records)
     lm = load_model(model)
     mon = InterferenceMonitor(MonitorConfig(probes=str(tmp_path / "probes.jsonl"), refresh=1, target="gold",
@@ -44,6 +44,21 @@ def test_monitor_kernels_equal_influence(tmp_path):
     expected = df["kernel"].to_numpy().reshape(len(first["samples"]), len(PROBES))
     np.testing.assert_allclose(np.array(first["kernel"]), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
     assert first["top_harmful"] and {"id", "mean_push"} <= set(first["top_harmful"][0])
+
+
+def test_monitor_under_bf16_contracts_in_bf16_within_its_error(tmp_path):
+    """Under --bf16 the probe store and the contraction are bf16 (the precision of the step being forecast):
+    kernels within a few percent of the fp32 influence kernel (docs/numerics.md)."""
+    rows = _sft_with_monitor(tmp_path, "tiny-llama", "linear", steps=1, lr=1e-3, bf16=True)
+    first = rows[1]
+    by_id = {r["id"]: r for r in TRAIN}
+    df = compute(load_model("tiny-llama"), [by_id[i] for i in first["samples"]], PROBES,
+                 InfluenceConfig(target="gold"))
+    expected = df["kernel"].to_numpy().reshape(len(first["samples"]), len(PROBES))
+    got = np.array(first["kernel"])
+    assert not np.array_equal(got, expected)  # a bf16 computation, not a copy of the fp32 one
+    assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 0.02
+    assert np.corrcoef(got.ravel(), expected.ravel())[0, 1] > 0.99
 
 
 def test_predicted_change_follows_measured_on_default_model(tmp_path):

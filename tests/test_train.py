@@ -167,6 +167,34 @@ def test_in_run_eval_starts_at_the_base_and_matches_offline_eval(tmp_path):
     assert offline == pytest.approx({k: v for k, v in rows[-1].items() if k != "step"}, rel=1e-4)
 
 
+def test_runs_from_one_base_share_the_step0_evaluation(tmp_path):
+    """eval_base_from copies the base evaluation of a run with the same model and evaluation inputs (and only
+    then): its step-0 rows equal a fresh evaluation's."""
+    import pandas as pd
+
+    from dynamics.probes import text_suite
+    from dynamics.tasks import get_task
+
+    probes = write_records(tmp_path / "probes.jsonl", text_suite()[:4])
+    other = write_records(tmp_path / "other.jsonl", text_suite()[4:8])
+    train = get_task("jigsaw").build(8, 0)
+
+    def run(name, probe_file, base_from=None):
+        res = train_sft(sft_config(tmp_path, name, max_steps=1, eval_every=1, eval_task="jigsaw", eval_n=3,
+                                   probes=str(probe_file), eval_base_from=base_from), train)
+        return read_jsonl_rows(res.run / "eval.jsonl"), pd.read_parquet(res.run / "eval.parquet")
+
+    first, first_items = run("a", probes)
+    shared, shared_items = run("b", probes, base_from=str(tmp_path / "a"))
+    assert shared[0]["reused_from"] == str(tmp_path / "a")
+    assert {k: v for k, v in shared[0].items() if k != "reused_from"} == first[0]
+    pd.testing.assert_frame_equal(shared_items[shared_items.step == 0].drop(columns="model"),
+                                  first_items[first_items.step == 0].drop(columns="model"))
+    assert set(shared_items["model"]) == {"b"} and [r["step"] for r in shared] == [0, 1]
+    fresh, _ = run("c", other, base_from=str(tmp_path / "a"))  # other probes: evaluated, not copied
+    assert "reused_from" not in fresh[0] and fresh[0]["probe_logp"] != first[0]["probe_logp"]
+
+
 @pytest.mark.slow
 def test_grpo_on_the_default_model_logs_rollouts_with_rewards_and_advantages(tmp_path):
     from dynamics.tasks import get_task

@@ -6,9 +6,11 @@ Only the main process writes; in a multi-process run the others wait at a barrie
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ from transformers import TrainerCallback
 
 from dynamics.errors import DynamicsError
 from dynamics.models import LoadedModel
-from dynamics.store import append_jsonl, atomic_path
+from dynamics.store import append_jsonl, atomic_path, read_jsonl_rows, write_json
 from dynamics.train.schedules import checkpoint_steps
 
 # TRL's log keys -> the run folder's column names (DESIGN.md: metrics.jsonl)
@@ -140,11 +142,15 @@ class EvalCallback(TrainerCallback):
     """
 
     def __init__(self, lm: LoadedModel, task_records: list[dict], probes: list[dict], config: Any, every: int,
-                 run_dir: str | Path, name: str = "") -> None:
+                 run_dir: str | Path, name: str = "", model_spec: str = "", base_from: str | None = None) -> None:
         self.lm, self.task_records, self.probes, self.config = lm, task_records, probes, config
         self.every = every
         self.run = Path(run_dir)
         self.name = name or self.run.name
+        self.base_from = Path(base_from) if base_from else None
+        settings = {k: v for k, v in asdict(config).items() if k not in ("progress", "task_data", "probes")}
+        self.inputs_key = hashlib.sha256(json.dumps([model_spec, task_records, probes, settings], sort_keys=True,
+                                                    default=str).encode()).hexdigest()
 
     def evaluate(self, model: torch.nn.Module, step: int) -> dict | None:
         """Evaluate ``model`` now and log it as ``step`` (main process; the others wait)."""
@@ -173,9 +179,34 @@ class EvalCallback(TrainerCallback):
         with atomic_path(path) as tmp:
             df.to_parquet(tmp, index=False)
 
+    def reuse_base(self) -> bool:
+        """Copy the step-0 evaluation of ``base_from`` (same model and inputs, by ``eval.inputs.json``)."""
+        import pandas as pd
+
+        src = self.base_from
+        if src is None or not (src / "eval.inputs.json").is_file() or not (src / "eval.parquet").is_file():
+            return False
+        if json.loads((src / "eval.inputs.json").read_text()).get("key") != self.inputs_key:
+            return False
+        rows = [r for r in read_jsonl_rows(src / "eval.jsonl") if r.get("step") == 0]
+        items = pd.read_parquet(src / "eval.parquet")
+        items = items[items["step"] == 0].assign(model=self.name)
+        if not rows or items.empty:
+            return False
+        append_jsonl(self.run / "eval.jsonl", {**rows[0], "reused_from": str(src)})
+        self._append_items(items)
+        return True
+
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if state.global_step == 0:  # a fresh start, not a resumed run
-            self.evaluate(model, 0)
+            if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+                _barrier()
+                return
+            write_json(self.run / "eval.inputs.json", {"key": self.inputs_key})
+            if not self.reuse_base():
+                self.evaluate(model, 0)
+            elif torch.distributed.is_initialized():
+                _barrier()
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         step = state.global_step
@@ -202,7 +233,8 @@ def eval_callback(config: Any, lm: LoadedModel, run_dir: str | Path, task: str |
                     n_task=config.eval_n, task_seed=config.eval_seed, probes=config.probes,
                     batch_size=config.eval_batch_size, probe_max_new_tokens=config.eval_probe_tokens, progress=False)
     task_records, probes = load_inputs(ec, run_dir, kind=lm.kind) if config.should_save else ([], [])
-    return EvalCallback(lm, task_records, probes, ec, config.eval_every, run_dir)
+    return EvalCallback(lm, task_records, probes, ec, config.eval_every, run_dir, model_spec=config.model,
+                        base_from=config.eval_base_from)
 
 
 def run_callbacks(config: Any, lm: LoadedModel, extra: Any = (), task: str | None = None,

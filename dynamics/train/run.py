@@ -67,6 +67,9 @@ class RunOptions:
                                                                 "file or a built-in suite (default: text / visual)."})
     eval_batch_size: int = 16
     eval_probe_tokens: int = field(default=48, metadata={"help": "Answer budget of probes evaluated in the run."})
+    eval_base_from: str | None = field(default=None, metadata={
+        "help": "A run folder whose step-0 (base model) evaluation is copied instead of recomputed, when its "
+                "model and evaluation inputs are the same as this run's (runs from one base share it)."})
     monitor: str | None = field(default=None, metadata={"help": "Probe records the live interference monitor "
                                                                 "forecasts (writes monitor.jsonl)."})
     monitor_refresh: int = field(default=10, metadata={"help": "Recompute the probes' gradients every N steps."})
