@@ -48,11 +48,11 @@ class DemoPlan:
     model: str = "default"
     task_args: str = "preset=text"
     probe_suite: str = "text"  # built-in suite (text, or visual for VLMs) or a probes file
-    probe_pool: int | None = 60  # built-in probes scored by the base model (an even sample; None: all)
+    probe_pool: int | None = 48  # built-in probes scored by the base model (an even sample; None: all)
     keep_correct: bool = True  # probes: keep what the base model answers correctly
-    n_probes: int = 16  # probes used by the study (an even sample per category of those kept)
+    n_probes: int = 12  # probes used by the study (an even sample per category of those kept)
     n_train: int = 32  # training prompts: gold answers for SFT, the same prompts for RFT and rollouts
-    n_eval: int = 12  # held-out prompts evaluated during training
+    n_eval: int = 8  # held-out prompts evaluated during training
     steps: int = 4  # optimizer steps of every run
     batch: int = 8  # samples per SFT step (RFT: rft_prompts x group completions)
     sft_lr: float = 2e-4
@@ -64,7 +64,7 @@ class DemoPlan:
     checkpoints: str = "none"  # extra checkpoints of every run (the last step is always saved)
     rollout_samples: int = 4  # simulated rollouts: samples per training prompt
     rollout_keep: str = "correct"
-    influence_n: int = 6  # training samples per set in the influence analysis
+    influence_n: int = 4  # training samples per set in the influence analysis
     seeds: int = 1
     base_rollouts: bool = False  # variant: SFT on rollouts sampled from the base model
     select: bool = False  # variant: SFT on the gold set pruned by `dynamics select` (drop-harmful, half)
@@ -75,8 +75,8 @@ class DemoPlan:
 
 PLANS: dict[str, DemoPlan] = {
     "quick": DemoPlan(),
-    "full": DemoPlan(probe_pool=120, n_probes=32, n_train=48, n_eval=16, steps=16, eval_every=4,
-                     rollout_samples=8, influence_n=16, select=True, monitor=True),
+    "full": DemoPlan(probe_pool=120, n_probes=32, n_train=48, n_eval=16, steps=12, eval_every=6,
+                     rollout_samples=8, influence_n=12, select=True, monitor=True),
     "vlm": DemoPlan(model="tiny-qwen2.5-vl", task_args="preset=image-direct,patch_size=28", probe_suite="visual",
                     probe_pool=None,
                     keep_correct=False, n_probes=8, n_train=16, n_eval=8, steps=4, batch=4, sft_lr=1e-3,
@@ -109,6 +109,11 @@ WHY = [
     "the rollouts its first steps trained on that carry a gradient (non-zero advantage).",
     "`--quick` is a smoke run of the whole pipeline (4 steps, a few dozen probes and prompts): its intervals are "
     "wide and most claims come out inconclusive. The full plan adds the `select` variant and the live monitor.",
+    "The full plan fits its 20-minute budget on 2 cores with 12 steps and an evaluation every 6 (at 0, 6 and 12): "
+    "an evaluation of 16 prompts and 32 probes costs about 22 s in fp32, as much as two SFT steps, and every run "
+    "after the first copies the base evaluation (all start from the same weights). At 16 steps with an "
+    "evaluation every 4 (26 minutes) the forgetting claims came out the same: SFT's probe log p fell 0.28 "
+    "nats/token by step 12 and 0.31 by step 16, RFT's did not move.",
 ]
 
 
