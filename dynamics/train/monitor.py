@@ -62,7 +62,7 @@ class MonitorConfig:
     tokens: str = "all"
     top: int = 3
     batch_size: int = 8
-    # the probe store's materialised part (the rest stays in ghost form, several times slower to contract):
+    # the probe store's materialised part (the rest stays in ghost form, 2-3x slower to contract):
     # 32 probes of the default model need 6.8 GiB in bf16 (13.6 in fp32) to be materialised in full
     max_memory_gb: float | None = 8.0
 
