@@ -1,27 +1,29 @@
 #!/usr/bin/env bash
-# A compact influence benchmark on one CUDA GPU (about 5 minutes on an H100), on a randomly initialised
-# ~0.45B-parameter Llama (hidden 1536, 16 layers, 32k vocabulary; no other weights exist offline):
-# bf16 on two N_train sizes with every method that fits, then fp32 on one size for dynamics and the naive loop.
+# A compact influence benchmark on one CUDA GPU (about 8 minutes), on a randomly initialised ~0.45B-parameter
+# Llama (hidden 1536, 16 layers, 32k vocabulary; no other weights exist offline), in three runs ordered so that
+# what matters most finishes first: bf16 at N_train 16 and 64 with every exact method and the per-layer
+# projections; fp32 at N_train 16 for dynamics, the floor and the naive loop; the global projections at 16.
 #   here:  bash benchmarks/gpu_wheels.sh          (peer wheels for Python 3.12 into .whl/)
 #   there: bash benchmarks/gpu_check.sh           (with .whl carried; peers are skipped if it is absent)
-# Prints the RESULTS tables; files go to $OUT (or /tmp/gpu-bench).
+# Files go to $OUT (or /tmp/gpu-bench); `--report-only` on the JSON files rebuilds the tables anywhere.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    && export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 DIR=${OUT:-/tmp/gpu-bench}
 mkdir -p "$DIR"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-MODEL=random-llama-1536x16
-python3 -m benchmarks.influence --models $MODEL --train 16,64 --tokens "" --base-tokens 128 --probes 8 \
-  --device cuda --dtype bfloat16 --cap 60 --json "$DIR/gpu_bf16.json" --results "$DIR/RESULTS_gpu_bf16.md" \
-  --figure "$DIR/gpu_bf16.png" --methods "forward+backward (floor),dynamics exact linear,dynamics exact body,\
-dynamics projected kron,dynamics projected jl,naive loop linear,torch.func linear,opacus linear,kronfluence linear,\
-bergson body,bergson projected per-module,bergson projected global"
-python3 -m benchmarks.influence --models $MODEL --train 16 --tokens "" --base-tokens 128 --probes 8 \
-  --device cuda --dtype float32 --cap 60 --json "$DIR/gpu_fp32.json" --results "$DIR/RESULTS_gpu_fp32.md" \
-  --figure "$DIR/gpu_fp32.png" --methods "forward+backward (floor),dynamics exact linear,naive loop linear"
-cat "$DIR/RESULTS_gpu_bf16.md" "$DIR/RESULTS_gpu_fp32.md"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
+MODEL=${MODEL:-random-llama-1536x16} DEVICE=${DEVICE:-cuda}
+bench() {  # name dtype train methods
+  python3 -m benchmarks.influence --models $MODEL --train "$3" --tokens "" --base-tokens 128 --probes 8 \
+    --device "$DEVICE" --dtype "$2" --cap 45 --json "$DIR/gpu_$1.json" --results "$DIR/RESULTS_gpu_$1.md" \
+    --figure "$DIR/gpu_$1.png" --methods "$4"
+}
+bench bf16 bfloat16 16,64 "forward+backward (floor),dynamics exact linear,dynamics exact body,dynamics projected kron,\
+naive loop linear,torch.func linear,opacus linear,kronfluence linear,bergson body,bergson projected per-module"
+bench fp32 float32 16 "forward+backward (floor),dynamics exact linear,naive loop linear"
+bench global bfloat16 16 "dynamics exact body,dynamics projected jl,bergson projected global"

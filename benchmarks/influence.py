@@ -182,16 +182,15 @@ def write_inputs(case: Case, folder: Path) -> None:
     from benchmarks.influence_core import make_records
     from dynamics.data import write_records
 
-    tok = bench_model(case.model, "float32", "cpu").tokenizer if case.model.startswith("random-llama-") else \
-        _tokenizer(case.model)
+    tok = _tokenizer(case.model)
     write_records(folder / "train.jsonl", make_records(tok, case.n_train, case.tokens, "t", 0))
     write_records(folder / "probes.jsonl", make_records(tok, case.n_probes, case.tokens, "p", 1))
 
 
 def _tokenizer(spec: str):
-    from dynamics.models import load_model
+    from dynamics.models import load_model, tiny_tokenizer
 
-    return load_model(spec).tokenizer
+    return tiny_tokenizer() if spec.startswith("random-llama-") else load_model(spec).tokenizer
 
 
 def run_case(case: Case, methods: list[Method], cap: float, dead: dict[str, str], log,
@@ -300,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         return worker(BY_NAME[args.worker], Case(**json.loads(args.case)), args.records, args.out)
 
-    from benchmarks.report import write_figure, write_results
+    from benchmarks.report import memory, write_figure, write_results
 
     if args.report_only:
         reports = [json.loads(p.read_text()) for p in args.report_only]
@@ -314,11 +313,14 @@ def main(argv: list[str] | None = None) -> None:
     last: dict[tuple, dict] = {}
 
     def log(row: dict) -> None:
-        took = f"{row['seconds']:8.2f} s  {row['extra_mb']:8.0f} MB" if row.get("status") == "ok" else row["status"]
+        took = f"{row['seconds']:8.2f} s  {memory(row):8.0f} MB" if row.get("status") == "ok" else row["status"]
         print(f"{row['model']:>12s} N={row['n_train']:<4d} T={row['tokens']:<4d} {row['method']:32s} {took}",
               flush=True)
 
     started = time.time()
+    for path in (args.json, args.results, args.figure):
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
     for case in cases(args):
         key = (case.model, case.sweep)
         rows += run_case(case, methods, args.cap, dead.setdefault(key, {}), log, last.setdefault(key, {}))

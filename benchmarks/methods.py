@@ -91,7 +91,8 @@ def stream_kernel(flat_grads: Callable[[list[Encoded]], Tensor], inputs: Inputs,
 
 def relative_error(K: Tensor, ref: Tensor) -> dict[str, float]:
     """‖K − K_ref‖_F / ‖K_ref‖_F and max |K − K_ref| / max |K_ref|."""
-    diff = K.double() - ref.double()
+    K, ref = K.detach().double(), ref.detach().double()
+    diff = K - ref
     return {"rel_fro": float(diff.norm() / ref.norm()), "rel_max": float(diff.abs().max() / ref.abs().max())}
 
 
