@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# A compact influence benchmark on one CUDA GPU (about 8 minutes), on a randomly initialised ~0.45B-parameter
-# Llama (hidden 1536, 16 layers, 32k vocabulary; no other weights exist offline), in three runs ordered so that
-# what matters most finishes first: bf16 at N_train 16 and 64 with every exact method and the per-layer
+# The CUDA tests, then a compact influence benchmark on one CUDA GPU (about 7 minutes), on a randomly
+# initialised ~0.45B-parameter Llama (hidden 1536, 16 layers, 32k vocabulary; no other weights exist offline),
+# in three runs ordered so that what matters most finishes first: bf16 at N_train 16 and 64 with every exact method and the per-layer
 # projections; fp32 at N_train 16 for dynamics, the floor and the naive loop; the global projections at 16.
 #   here:  bash benchmarks/gpu_wheels.sh          (peer wheels for Python 3.12 into .whl/)
 #   there: bash benchmarks/gpu_check.sh           (with .whl carried; peers are skipped if it is absent)
@@ -17,6 +17,8 @@ DIR=${OUT:-/tmp/gpu-bench}
 mkdir -p "$DIR"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
+# the CUDA cases of the influence tests (kernel against the brute force on the device, projections' bounds)
+timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_influence.py -k cuda 2>&1 | tail -15
 MODEL=${MODEL:-random-llama-1536x16} DEVICE=${DEVICE:-cuda}
 bench() {  # name dtype train methods
   python3 -m benchmarks.influence --models $MODEL --train "$3" --tokens "" --base-tokens 128 --probes 8 \

@@ -230,7 +230,7 @@ def run_case(case: Case, methods: list[Method], cap: float, dead: dict[str, str]
         if row["method"] in kernels and ref in kernels and ref != row["method"]:
             row.update(relative_error(kernels[row["method"]], kernels[ref]))
         naive = "naive loop " + row["scope"]
-        if row["method"] == ref and naive in kernels:  # dynamics itself against the brute force
+        if row["method"] == ref and ref in kernels and naive in kernels:  # dynamics itself against the brute force
             row.update(relative_error(kernels[ref], kernels[naive]))
     by_name = {r["method"]: r for r in rows}
     for row in rows:

@@ -62,7 +62,7 @@ class Factor:
     def to_dense(self, dtype: torch.dtype = torch.float32) -> Tensor:
         if self.dense is not None:
             return self.dense
-        onehot = torch.zeros(*self.ids.shape, self.width + 1, dtype=dtype)
+        onehot = torch.zeros(*self.ids.shape, self.width + 1, dtype=dtype, device=self.ids.device)
         onehot.scatter_(-1, self.ids.remainder(self.width + 1).unsqueeze(-1), 1.0)  # id -1 -> dropped column
         return onehot[..., : self.width]
 
@@ -94,7 +94,7 @@ def diag_cross_gram(f: Factor, g: Factor) -> Tensor:
     if f.dense is not None and g.dense is not None:
         return torch.einsum("btd,bsd->bts", f.dense, g.dense)
     full = gram(f, g)
-    idx = torch.arange(f.batch)
+    idx = torch.arange(f.batch, device=full.device)
     return full[idx, idx]
 
 
@@ -573,7 +573,8 @@ class Recorder:
         B = self.layout.batch
         for name in self.params:
             if name in self.unused:
-                self.on_param(name, ParamGrad(dense=torch.zeros(B, self.params[name].numel())))
+                p = self.params[name]
+                self.on_param(name, ParamGrad(dense=self._cast(p.new_zeros(B, p.numel()))))
 
 
 def apply_delta(pg: ParamGrad, delta: Tensor) -> Tensor:
@@ -668,9 +669,11 @@ def _output_head(model: nn.Module) -> nn.Module | None:
 
 
 # -------------------------------------------------------------------------------------------- projections
-def _gaussian(shape: tuple[int, ...], seed: int, dtype: torch.dtype) -> Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+def _gaussian(shape: tuple[int, ...], seed: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """N(0, 1) entries from ``seed``, drawn by ``device``'s own generator (a CPU draw of a GPU-sized projection
+    would dominate the run); drawn in float32, so every dtype sees the same matrix on a given device type."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(*shape, generator=gen, dtype=torch.float32, device=device).to(dtype)
 
 
 @dataclass
@@ -706,11 +709,13 @@ class Projector:
         d_out, d_in = shape[0], math.prod(shape[1:])
         k_o = max(1, min(d_out, round(math.sqrt(self.dim))))
         k_i = max(1, min(d_in, self.dim // k_o))
-        dtype = (g.terms[0].inp.dense if g.terms[0].inp.dense is not None else g.terms[0].out.dense).dtype
-        key = ("kron", i, dtype)
+        ref = g.terms[0].inp.dense if g.terms[0].inp.dense is not None else g.terms[0].out.dense
+        dtype, dev = ref.dtype, ref.device
+        key = ("kron", i, dtype, dev)
         if key not in self._cache:  # a side no wider than its k is kept exactly (identity): no error there
-            p_out = None if k_o >= d_out else _gaussian((d_out, k_o), self.seed * 1_000_003 + 2 * i, dtype) / math.sqrt(k_o)
-            p_in = None if k_i >= d_in else _gaussian((d_in, k_i), self.seed * 1_000_003 + 2 * i + 1, dtype) / math.sqrt(k_i)
+            seed = self.seed * 1_000_003 + 2 * i
+            p_out = None if k_o >= d_out else _gaussian((d_out, k_o), seed, dtype, dev) / math.sqrt(k_o)
+            p_in = None if k_i >= d_in else _gaussian((d_in, k_i), seed + 1, dtype, dev) / math.sqrt(k_i)
             self._cache[key] = (p_out, p_in)
         p_out, p_in = self._cache[key]
         total = 0
@@ -726,13 +731,13 @@ class Projector:
         if self.kind == "kron" and n <= k:
             return g
         out = g.new_zeros(g.shape[0], k)
-        block = max(1, (1 << 22) // k)
+        block = max(1, (1 << 25) // k)  # rows of R per draw: 128 MiB of float32
         cache = n * k * g.element_size() <= (1 << 28)  # keep R when it is small (256 MiB), else regenerate it
         for j, start in enumerate(range(0, n, block)):
-            key = ("jl", i, j, g.dtype)
+            key = ("jl", i, j, g.dtype, g.device)
             r = self._cache.get(key)
             if r is None:
-                r = _gaussian((min(block, n - start), k), self.seed * 1_000_003 + 7919 * (i + 1) + j, g.dtype)
+                r = _gaussian((min(block, n - start), k), self.seed * 1_000_003 + 7919 * (i + 1) + j, g.dtype, g.device)
                 if cache:
                     self._cache[key] = r
             out += g[:, start:start + block] @ r

@@ -299,8 +299,8 @@ def _probe_pass(engine: _GradientPass, probes: Batches, plan: FormPlan, weights:
             norms[index] += self_inner(pg).double().cpu()
             if plan.dense(name):
                 if name not in store.dense:
-                    store.dense[name] = torch.zeros(store.n, engine.recorder.params[name].numel(),
-                                                    dtype=engine.recorder.dtype or engine.recorder.params[name].dtype)
+                    p = engine.recorder.params[name]  # kept where the training gradients will be
+                    store.dense[name] = p.new_zeros(store.n, p.numel(), dtype=engine.recorder.dtype or p.dtype)
                 store.dense[name][index] = pg.materialise()
             if not plan.dense(name) or (keep_lowrank and pg.terms):
                 store.lowrank.setdefault(name, []).append((index, pg))
