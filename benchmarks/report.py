@@ -50,35 +50,37 @@ def write_figure(rows: list[dict], path: Path) -> None:
     groups = _groups(rows)
     if not groups:
         return
-    models = list(dict.fromkeys(m for m, _ in groups))
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
-    fig, axes = plt.subplots(len(models), 2, figsize=(17, 4.8 * len(models)), squeeze=False)
+    panels = list(groups)  # one per (model, sweep) that has rows, two to a row
+    ncols = min(2, len(panels))
+    fig, axes = plt.subplots(-(-len(panels) // ncols), ncols, figsize=(8.5 * ncols, 4.8 * -(-len(panels) // ncols)),
+                             squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
     cmap = plt.get_cmap("tab20")
     names = list(dict.fromkeys(r["method"] for r in rows))
-    for i, model in enumerate(models):
-        for j, sweep in enumerate(SWEEPS):
-            ax = axes[i][j]
-            for name, (xs, ys) in _series(groups.get((model, sweep), []), sweep).items():
-                k = exponent(xs, ys)
-                style = "-" if name.startswith("dynamics") else ("--" if "floor" in name else ":")
-                ax.loglog(xs, ys, style, marker="o", ms=3, color=cmap(names.index(name) % 20),
-                          label=f"{name} (slope {k:.2f})" if k is not None else name)
-            ax.set_xlabel(SWEEPS[sweep])
-            ax.set_ylabel("seconds")
-            fixed = next((r for r in groups.get((model, sweep), [])), None)
-            other = "" if fixed is None else (f"tokens ≈ {fixed['tokens']}" if sweep == "n_train"
-                                               else f"N_train = {fixed['n_train']}")
-            ax.set_title(f"{model}: time against {SWEEPS[sweep]} ({other}, {fixed['n_probes'] if fixed else '?'}"
-                         " probes)", fontsize=10)
-            sizes = sorted({x for xs, _ in _series(groups.get((model, sweep), []), sweep).values() for x in xs})
-            if sizes:
-                ax.set_xticks(sizes)
-                ax.xaxis.set_major_formatter(ScalarFormatter())
-                ax.xaxis.set_minor_formatter(NullFormatter())
-            ax.grid(True, which="both", alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    for ax, (model, sweep) in zip(axes.flat, panels, strict=False):
+        series = _series(groups[(model, sweep)], sweep)
+        for name, (xs, ys) in series.items():
+            k = exponent(xs, ys)
+            style = "-" if name.startswith("dynamics") else ("--" if "floor" in name else ":")
+            ax.loglog(xs, ys, style, marker="o", ms=3, color=cmap(names.index(name) % 20),
+                      label=f"{name} (slope {k:.2f})" if k is not None else name)
+        ax.set_xlabel(SWEEPS[sweep])
+        ax.set_ylabel("seconds")
+        fixed = groups[(model, sweep)][0]
+        other = f"tokens ≈ {fixed['tokens']}" if sweep == "n_train" else f"N_train = {fixed['n_train']}"
+        ax.set_title(f"{model}, {fixed['device']} {fixed['dtype']}: time against {SWEEPS[sweep]} ({other}, "
+                     f"{fixed['n_probes']} probes)", fontsize=10)
+        sizes = sorted({x for xs, _ in series.values() for x in xs})
+        if sizes:
+            ax.set_xticks(sizes)
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.suptitle("Train x probe gradient kernel: time against size (log-log; slope = fitted exponent)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
