@@ -55,6 +55,11 @@ class Factor:
     def length(self) -> int:
         return (self.dense if self.dense is not None else self.ids).shape[1]
 
+    @property
+    def cost_width(self) -> int:
+        """Work per row pair of a Gram against this side: its width when dense, 1 for token ids (a look-up)."""
+        return self.dense.shape[-1] if self.dense is not None else 1
+
     def select(self, index: Tensor | slice) -> Factor:
         return Factor(None if self.dense is None else self.dense[index],
                       None if self.ids is None else self.ids[index], self.width)
@@ -113,8 +118,17 @@ class LowRank:
     def select(self, index: Tensor | slice) -> LowRank:
         return LowRank(self.out.select(index), self.inp.select(index))
 
+    def shape(self) -> tuple[int, int, int]:
+        """(T, w_out, w_in): rows, and each side's width as it costs work (1 for a one-hot side)."""
+        return self.inp.length, self.out.cost_width, self.inp.cost_width
+
     def to_dense(self) -> Tensor:
-        """Materialise ``(B, d_out * d_in)``."""
+        """Materialise ``(B, d_out * d_in)``; a one-hot side scatters the other side's rows (no one-hot product)."""
+        if self.out.ids is not None and self.inp.dense is not None:
+            (B, T, d), ids = self.inp.dense.shape, self.out.ids
+            out = self.inp.dense.new_zeros(B, self.out.width, d)
+            rows = self.inp.dense * (ids >= 0).unsqueeze(-1)
+            return out.scatter_add_(1, ids.clamp(min=0).unsqueeze(-1).expand(B, T, d), rows).reshape(B, -1)
         dtype = (self.out.dense if self.out.dense is not None else self.inp.dense).dtype
         out, inp = self.out.to_dense(dtype), self.inp.to_dense(dtype)
         return torch.bmm(out.transpose(1, 2), inp).reshape(self.batch, -1)  # (einsum may pick a slower order)
@@ -619,6 +633,24 @@ class FormPlan:
         return self.forms.get(name) == "dense"
 
 
+LOWRANK_KINDS = frozenset({"linear", "conv1d", "patch", "embedding"})  # uses whose gradient is Σ_t u_t v_tᵀ
+
+Shape = tuple[float, int, int]  # (T, w_out, w_in) of one term, as LowRank.shape
+
+
+def ghost_cost(train: list[Shape], probes: list[Shape], n_probes: int) -> float:
+    """Work per training sample of the ghost inner products against every probe plus its own norm: each pair of
+    terms costs T_a·T_b·(w_out + w_in), the Gram of a one-hot side against any side counting 1 per entry."""
+    def pairs(xs: list[Shape], ys: list[Shape]) -> float:
+        return sum(ta * tb * (min(oa, ob) + min(ia, ib)) for ta, oa, ia in xs for tb, ob, ib in ys)
+    return n_probes * pairs(train, probes) + pairs(train, train)
+
+
+def build_cost(terms: list[Shape]) -> float:
+    """Work to materialise one sample's gradient: T·w_out·w_in per term (a one-hot side scatters its T rows)."""
+    return sum(t * o * i for t, o, i in terms)
+
+
 def plan_forms(
     recorder: Recorder,
     n_probes: int,
@@ -631,29 +663,35 @@ def plan_forms(
 ) -> FormPlan:
     """Choose, per parameter, the cheaper way to take inner products against all probes, within memory.
 
-    Per training sample, against P probes (T_p, T_u tokens): ghost costs P·T_p·T_u·(d_in + d_out) (plus
-    T_u²·(d_in + d_out) for the sample's own norm); materialised costs T_u·d_in·d_out to build G_u, then
-    P·d_in·d_out for the dot products, and P·d_in·d_out·bytes of memory for the probe side. Parameters are
-    switched to materialised in order of saved work per byte while the budget lasts. Uses read only at
-    completion positions (an lm_head) see the completion lengths. Tied or multi-use parameters stay ghost.
-    ``force`` ("ghost" or "dense") overrides the choice for every single-use linear parameter.
+    Per training sample, against P probes (T_p, T_u tokens), for a single linear use: ghost costs
+    P·T_p·T_u·(d_in + d_out) (plus T_u²·(d_in + d_out) for the sample's own norm); materialised costs
+    T_u·d_in·d_out to build G_u, then P·d_in·d_out for the dot products, and P·d_in·d_out·bytes of memory for
+    the probe side. A parameter with several uses (a tied embedding and lm_head) sums these over its pairs of
+    uses (:func:`ghost_cost`, :func:`build_cost`). Parameters are switched to materialised in order of saved work
+    per byte while the budget lasts. Uses read only at completion positions (an lm_head) see the completion
+    lengths. ``force`` ("ghost" or "dense") overrides the choice for every parameter whose uses are all low-rank.
     """
     forms: dict[str, str] = {}
     gains: list[tuple[float, int, str]] = []
+    head_module = _output_head(recorder.model)
     for name, uses in recorder.uses.items():
         kinds = {u.kind for u in uses}
-        if len(uses) > 1 or not kinds <= {"linear", "conv1d", "patch"}:
+        if not kinds <= LOWRANK_KINDS:
             forms[name] = "dense" if kinds <= {"bias", "elementwise", "other"} else "lowrank"
             continue
         p = recorder.params[name]
-        d_out, d_in = p.shape[0], p[0].numel()
-        head = uses[0].module is _output_head(recorder.model)
-        tp, tu = completion_len if head else (probe_len, train_len)
-        ghost = n_probes * tp * tu * (d_in + d_out) + tu * tu * (d_in + d_out)
-        dense = tu * d_in * d_out + n_probes * d_in * d_out
+        n = p.numel()
+        train, probes = [], []
+        for u in uses:
+            tp, tu = completion_len if u.module is head_module else (probe_len, train_len)
+            w_out, w_in = (1, p.shape[1]) if u.kind == "embedding" else (p.shape[0], p[0].numel())
+            train.append((tu, w_out, w_in))
+            probes.append((tp, w_out, w_in))
+        ghost = ghost_cost(train, probes, n_probes)
+        dense = build_cost(train) + n_probes * n
         forms[name] = "dense" if force == "dense" else "lowrank"
         if force is None and dense < ghost:
-            mem = n_probes * d_in * d_out * element_bytes
+            mem = n_probes * n * element_bytes
             gains.append(((ghost - dense) / max(mem, 1), mem, name))
     used = 0
     for _, mem, name in sorted(gains, reverse=True):

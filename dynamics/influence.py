@@ -51,12 +51,15 @@ from torch import Tensor
 from dynamics.data import Encoded, collate, context_length, encode_record
 from dynamics.errors import DynamicsError
 from dynamics.gradients import (
+    LOWRANK_KINDS,
     FormPlan,
     Layout,
     ParamGrad,
     Projector,
     Recorder,
     apply_delta,
+    build_cost,
+    ghost_cost,
     inner,
     plan_forms,
     self_inner,
@@ -276,15 +279,6 @@ class ProbeStore:
         return out
 
 
-def _dims(recorder: Recorder, name: str) -> tuple[int, int] | None:
-    """(d_out, d_in) for a parameter with a single linear-like use, else None."""
-    uses = recorder.uses.get(name, [])
-    if len(uses) != 1 or uses[0].kind not in ("linear", "conv1d", "patch"):
-        return None
-    p = recorder.params[name]
-    return p.shape[0], p[0].numel()
-
-
 def _probe_pass(engine: _GradientPass, probes: Batches, plan: FormPlan, weights: list[Tensor] | None,
                 keep_lowrank: bool = True, logp_out: Tensor | None = None) -> ProbeStore:
     """Run the probes once and keep their gradients: materialised where planned dense, and (if
@@ -296,12 +290,15 @@ def _probe_pass(engine: _GradientPass, probes: Batches, plan: FormPlan, weights:
         index = torch.tensor(idx)
 
         def on_param(name: str, pg: ParamGrad, index: Tensor = index) -> None:
-            norms[index] += self_inner(pg).double().cpu()
             if plan.dense(name):
                 if name not in store.dense:
                     p = engine.recorder.params[name]  # kept where the training gradients will be
                     store.dense[name] = p.new_zeros(store.n, p.numel(), dtype=engine.recorder.dtype or p.dtype)
-                store.dense[name][index] = pg.materialise()
+                g = pg.materialise()
+                norms[index] += torch.linalg.vecdot(g, g).double().cpu()  # (the ghost norm costs T² per sample)
+                store.dense[name][index] = g
+            else:
+                norms[index] += self_inner(pg).double().cpu()
             if not plan.dense(name) or (keep_lowrank and pg.terms):
                 store.lowrank.setdefault(name, []).append((index, pg))
 
@@ -361,23 +358,23 @@ def predicted_change(store: ProbeStore, name: str, delta: Tensor) -> Tensor:
 
 def _use_dense(recorder: Recorder, store: ProbeStore, name: str, pg: ParamGrad, budget: int,
                used: list[int]) -> bool:
-    """Per batch and parameter: contract via materialised gradients, or via the ghost inner product?"""
+    """Per batch and parameter: contract via materialised gradients, or via the ghost inner product?
+    (The costs of :func:`plan_forms`, with this batch's lengths.)"""
     if name not in store.lowrank:
         return True
     if pg.dense is not None and not pg.terms:
         return name in store.dense
-    dims = _dims(recorder, name)
-    if dims is None:
+    if pg.dense is not None or not {u.kind for u in recorder.uses.get(name, [])} <= LOWRANK_KINDS:
         return False
-    d_out, d_in = dims
-    B, T_u = pg.terms[0].batch, pg.terms[0].inp.length
-    P = store.n
-    T_p = float(np.mean([p.terms[0].inp.length for _, p in store.lowrank[name]]))
-    ghost = B * P * T_p * T_u * (d_in + d_out) + B * T_u * T_u * (d_in + d_out)
-    dense = B * T_u * d_in * d_out + B * P * d_in * d_out
+    B, P, n = pg.terms[0].batch, store.n, recorder.params[name].numel()
+    parts = [ppg for _, ppg in store.lowrank[name] if len(ppg.terms) == len(pg.terms)]
+    train = [t.shape() for t in pg.terms]
+    probes = [(float(np.mean([q.terms[j].inp.length for q in parts])), o, i) for j, (_, o, i) in enumerate(train)]
+    ghost = B * ghost_cost(train, probes, P)
+    dense = B * (build_cost(train) + P * n)
     if name not in store.dense:
-        bytes_needed = P * d_in * d_out * 4
-        dense += P * T_p * d_in * d_out
+        bytes_needed = P * n * 4
+        dense += P * build_cost(probes)
         if dense >= ghost or used[0] + bytes_needed > budget:
             return False
         store.dense[name] = store.materialise(name)
