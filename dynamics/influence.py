@@ -319,7 +319,7 @@ def _train_pass(engine: _GradientPass, train: Batches, store: ProbeStore, budget
         index = torch.tensor(idx)
 
         def on_param(name: str, pg: ParamGrad, index: Tensor = index) -> None:
-            rows, sq = contract(engine.recorder, store, name, pg, budget, used)
+            rows, sq, _ = contract(engine.recorder, store, name, pg, budget, used)
             K[index] += rows
             norms[index] += sq
 
@@ -330,19 +330,25 @@ def _train_pass(engine: _GradientPass, train: Batches, store: ProbeStore, budget
 
 
 def contract(recorder: Recorder, store: ProbeStore, name: str, pg: ParamGrad, budget: int,
-             used: list[int]) -> tuple[Tensor, Tensor]:
+             used: list[int], delta: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """One parameter's share of ⟨g(u), g(o)⟩ for a batch against every stored probe, ``(B, P)``, and of
-    ‖g(u)‖², ``(B,)`` (float64, on the CPU), by the cheaper contraction for this batch."""
+    ‖g(u)‖², ``(B,)`` (float64, on the CPU), by the cheaper contraction for this batch. With ``delta`` (an update
+    of the parameter) also its :func:`predicted_change` ⟨g(o), Δ⟩, ``(P,)``, in the same pass over a materialised
+    store (one more row of the product), else ``None``."""
     if _use_dense(recorder, store, name, pg, budget, used):
-        g = pg.materialise()
-        return (g @ store.dense[name].T).double().cpu(), torch.linalg.vecdot(g, g).double().cpu()
+        g, S = pg.materialise(), store.dense[name]
+        sq = torch.linalg.vecdot(g, g).double().cpu()
+        if delta is None:
+            return (g @ S.T).double().cpu(), sq, None
+        prod = (torch.cat([g, delta.reshape(1, -1).to(g.dtype)]) @ S.T).double().cpu()
+        return prod[:-1], sq, prod[-1]
     rows = None
     for pidx, ppg in store.lowrank[name]:
         k = inner(pg, ppg).double().cpu()
         if rows is None:
             rows = torch.zeros(k.shape[0], store.n, dtype=torch.float64)
         rows[:, pidx] += k
-    return rows, self_inner(pg).double().cpu()
+    return rows, self_inner(pg).double().cpu(), None if delta is None else predicted_change(store, name, delta)
 
 
 def predicted_change(store: ProbeStore, name: str, delta: Tensor) -> Tensor:

@@ -20,16 +20,19 @@ TRAIN = [{"id": f"t{i}", "prompt": [{"role": "user", "content": "abc " * (i + 1)
 PROBES = [{"id": f"p{i}", "prompt": "q" * (2 * i + 1), "completion": "answer"[: i + 2]} for i in range(3)]
 
 
-def _sft_with_monitor(tmp_path, model, params, steps, lr, records=TRAIN, probes=PROBES, batch=4, bf16=False):
+def _sft_with_monitor(tmp_path, model, params, steps, lr, records=TRAIN, probes=PROBES, batch=4, bf16=False,
+                      refresh=1, callbacks=()):
     (tmp_path / "probes.jsonl").write_text("".join(json.dumps(p) + "\n" for p in probes))
     cfg = SFTRunConfig(output_dir=str(tmp_path / "run"), model=model, max_steps=steps,
                        per_device_train_batch_size=batch, learning_rate=lr, optim="sgd", lr_scheduler_type="constant",
                        seed=0, max_grad_norm=0.0, bf16=bf16)
     trainer, resume = build_sft_trainer(cfg, records=records)
     lm = load_model(model)
-    mon = InterferenceMonitor(MonitorConfig(probes=str(tmp_path / "probes.jsonl"), refresh=1, target="gold",
+    mon = InterferenceMonitor(MonitorConfig(probes=str(tmp_path / "probes.jsonl"), refresh=refresh, target="gold",
                                             params=params), lm, tmp_path / "run", records=records)
     mon.attach(trainer)
+    for cb in callbacks:
+        trainer.add_callback(cb)
     run_trainer(trainer, cfg, resume, trainer.run_info)
     return read_jsonl_rows(tmp_path / "run" / "monitor.jsonl")
 
@@ -76,6 +79,40 @@ def test_predicted_change_follows_measured_on_default_model(tmp_path):
         meas += list(np.array(after["measured_logp_per_probe"]) - np.array(before["measured_logp_per_probe"]))
     assert len(pred) == 12
     assert np.corrcoef(pred, meas)[0, 1] > 0.9
+
+
+def test_predictions_carried_to_the_next_step_equal_the_update_product(tmp_path):
+    """Between refreshes a step's prediction rides on the next step's contraction (the last step's on a pass of
+    its own): every step's ⟨g(o), Δθ⟩ equals the brute-force probe gradients at the base weights dotted with the
+    parameter change the step made."""
+    import torch
+    from influence_reference import reference_grads, untied_copy
+    from transformers import TrainerCallback
+
+    from dynamics.gradients import scope_parameters
+
+    base = untied_copy(load_model("tiny-llama"))
+    names = list(scope_parameters(base.model, "linear"))  # reference_grads' order (the head untied from the embedding)
+    snaps = []
+
+    class Snapshot(TrainerCallback):
+        def _take(self, model):
+            snaps.append(torch.cat([model.get_parameter(n).detach().reshape(-1).clone() for n in names]))
+
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            self._take(model)
+
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            self._take(model)
+
+    rows = _sft_with_monitor(tmp_path, "tiny-llama", "linear", steps=3, lr=1e-2, refresh=3, callbacks=[Snapshot()])
+    G = reference_grads(base, PROBES, "linear").double()  # (P, n) at the base weights, the store's until step 3
+    assert [r["step"] for r in rows] == [0, 1, 2, 3] and "measured_logp" in rows[3]
+    for k in (1, 2, 3):
+        expected = (G @ (snaps[k] - snaps[k - 1]).double()).numpy()
+        assert np.abs(expected).max() > 0
+        np.testing.assert_allclose(rows[k]["predicted_dlogp_per_probe"], expected, rtol=1e-3,
+                                   atol=1e-4 * np.abs(expected).max())
 
 
 @pytest.fixture(scope="module")

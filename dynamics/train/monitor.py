@@ -16,7 +16,10 @@ After the optimizer step the parameters moved by Δθ (SGD, Adam with its moment
 
     predicted Δ log π(y_o|x_o) = ⟨g(o), Δθ⟩             (first order, exact for the step that was taken)
 
-is computed from the same compact probe store without materialising g(o). Rows go to ``RUN/monitor.jsonl``:
+is computed from the same compact probe store without materialising g(o). Where the store is materialised this
+product rides on the next step's contraction (Δθ is one more row of that step's product with the store, so the
+store is read once per step, not twice): a step's row is written when the next step has run, or at once at
+refresh steps and at the end of training. Rows go to ``RUN/monitor.jsonl``:
 ``step, predicted_dlogp, mean_abs_kernel, mean_cosine, top_harmful`` (+ per-probe predictions, and at refresh
 steps the measured probe log-likelihood, so predictions can be checked against measurements).
 """
@@ -103,6 +106,8 @@ class InterferenceMonitor(TrainerCallback):
         self.trainer: Any = None
         self.store: ProbeStore | None = None
         self._capture = None
+        self._held: dict | None = None  # the last step's row, waiting for its prediction from the next step
+        self._before: dict[str, torch.Tensor] = {}
 
     # -- wiring ---------------------------------------------------------------------------------------------
     def attach(self, trainer: Any) -> InterferenceMonitor:
@@ -172,6 +177,9 @@ class InterferenceMonitor(TrainerCallback):
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         rec = self.engine.recorder
+        # the held row's update Δθ = θ_now − θ_before is contracted in this step's pass over the store
+        self._prev = self._before if self._held is not None else {}
+        self._ahead = torch.zeros(self.store.n, dtype=torch.float64)
         self._before = {n: p.detach().clone() for n, p in rec.params.items()}
         self._rows: list[str] = []
         self._push: list[torch.Tensor] = []
@@ -214,7 +222,11 @@ class InterferenceMonitor(TrainerCallback):
 
     def _on_param(self, name: str, pg: ParamGrad) -> None:
         start, n = self._segments[pg.segment]
-        rows, sq = contract(self.engine.recorder, self.store, name, pg, self.budget, self.used)
+        prev = self._prev.pop(name, None)
+        delta = None if prev is None else self.engine.recorder.params[name].detach() - prev
+        rows, sq, ahead = contract(self.engine.recorder, self.store, name, pg, self.budget, self.used, delta)
+        if ahead is not None:
+            self._ahead += ahead
         seg = list(self._segments).index(pg.segment)
         self._push[seg] -= rows  # the captured gradient is ∇L_u; the push is along −∇L_u
         self._norms[seg] += sq
@@ -227,21 +239,47 @@ class InterferenceMonitor(TrainerCallback):
         self._capture = None
         overhead = time.perf_counter() - self._t0
         rec = self.engine.recorder
-        with torch.no_grad():
-            predicted = sum(predicted_change(self.store, n, p.detach() - self._before[n])
-                            for n, p in rec.params.items())
-        self._before = {}
-        row = self._row(state.global_step, predicted)
+        if self._held is not None:  # the previous step's prediction, mostly taken in this step's contraction
+            with torch.no_grad():
+                for n, prev in self._prev.items():  # parameters this step's backward did not reach
+                    self._ahead += predicted_change(self.store, n, rec.params[n].detach() - prev)
+            self._write(state, self._predicted(self._held, self._ahead))
+            self._held = None
+        row = self._row(state.global_step)
         row["seconds"] = round(overhead, 3)
-        if state.global_step % self.config.refresh == 0:
-            row.update(self._refresh(state.global_step))
-        if state.is_world_process_zero:
-            if getattr(self, "_pending_measure", None):  # the base measurement, before the first step
-                append_jsonl(self.path, self._pending_measure)
-                self._pending_measure = None
-            append_jsonl(self.path, row)
+        refresh = state.global_step % self.config.refresh == 0
+        if refresh or state.global_step >= state.max_steps or not self.store.dense:
+            row = self._predicted(row, self._update_prediction())
+            if refresh:  # after the prediction, which needs this step's probe gradients
+                row.update(self._refresh(state.global_step))
+            self._write(state, row)
+        else:
+            self._held = row
 
-    def _row(self, step: int, predicted: torch.Tensor) -> dict:
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._held is not None:  # training stopped early: the held row's prediction by its own pass
+            self._write(state, self._predicted(self._held, self._update_prediction()))
+            self._held = None
+
+    def _update_prediction(self) -> torch.Tensor:
+        """⟨g(o), Δθ⟩ for the update since the last step began, by a pass over the store."""
+        rec = self.engine.recorder
+        with torch.no_grad():
+            return sum(predicted_change(self.store, n, p.detach() - self._before[n]) for n, p in rec.params.items())
+
+    @staticmethod
+    def _predicted(row: dict, predicted: torch.Tensor) -> dict:
+        return {**row, "predicted_dlogp": float(predicted.mean()), "predicted_dlogp_per_probe": predicted.tolist()}
+
+    def _write(self, state: Any, row: dict) -> None:
+        if not state.is_world_process_zero:
+            return
+        if getattr(self, "_pending_measure", None):  # the base measurement, before the first step
+            append_jsonl(self.path, self._pending_measure)
+            self._pending_measure = None
+        append_jsonl(self.path, row)
+
+    def _row(self, step: int) -> dict:
         push = torch.cat(self._push) if self._push else torch.zeros(0, self.store.n, dtype=torch.float64)
         norms = torch.cat(self._norms).clamp(min=0).sqrt() if self._norms else torch.zeros(0)
         probe_norms = self.store.norms_sq.clamp(min=0).sqrt()
@@ -252,8 +290,8 @@ class InterferenceMonitor(TrainerCallback):
         order = torch.argsort(mean_push)[: self.config.top].tolist()
         return {
             "step": step,
-            "predicted_dlogp": float(predicted.mean()),
-            "predicted_dlogp_per_probe": predicted.tolist(),
+            "predicted_dlogp": None,  # filled in by _predicted
+            "predicted_dlogp_per_probe": None,
             "mean_abs_kernel": float(kernel.abs().mean()) if torch.isfinite(scales).all() else None,
             "mean_abs_push": float(push.abs().mean()),
             "mean_cosine": float(cos.mean()),
