@@ -638,17 +638,34 @@ LOWRANK_KINDS = frozenset({"linear", "conv1d", "patch", "embedding"})  # uses wh
 Shape = tuple[float, int, int]  # (T, w_out, w_in) of one term, as LowRank.shape
 
 
-def ghost_cost(train: list[Shape], probes: list[Shape], n_probes: int) -> float:
-    """Work per training sample of the ghost inner products against every probe plus its own norm: each pair of
-    terms costs T_a·T_b·(w_out + w_in), the Gram of a one-hot side against any side counting 1 per entry."""
-    def pairs(xs: list[Shape], ys: list[Shape]) -> float:
-        return sum(ta * tb * (min(oa, ob) + min(ia, ib)) for ta, oa, ia in xs for tb, ob, ib in ys)
-    return n_probes * pairs(train, probes) + pairs(train, train)
+# Flop-equivalents per byte moved. On the 2-core CPU this was tuned on, the materialised contraction at 8 probes
+# of 64 tokens ran about 2x slower than the ghost one at nearly equal flops (SmolLM2's layers), and at 32 probes
+# × 43 tokens about 2x faster (the monitor's case, 1.8-2.9x per layer); 8 puts both on the measured side.
+BYTE_COST = 8.0
+
+
+def ghost_cost(train: list[Shape], probes: list[Shape], n_probes: int, element_bytes: int = 4) -> float:
+    """Cost per training sample of the ghost inner products against every probe plus its own norm: each pair of
+    terms costs T_a·T_b·(w_out + w_in) flops, the Gram of a one-hot side against any side counting 1 per entry,
+    and moves its two T_a × T_b Grams and their product."""
+    def pairs(xs: list[Shape], ys: list[Shape]) -> tuple[float, float]:
+        flops = sum(ta * tb * (min(oa, ob) + min(ia, ib)) for ta, oa, ia in xs for tb, ob, ib in ys)
+        return flops, 3 * element_bytes * sum(ta * tb for ta, _, _ in xs for tb, _, _ in ys)
+    (f_p, b_p), (f_s, b_s) = pairs(train, probes), pairs(train, train)
+    return n_probes * (f_p + BYTE_COST * b_p) + f_s + BYTE_COST * b_s
 
 
 def build_cost(terms: list[Shape]) -> float:
-    """Work to materialise one sample's gradient: T·w_out·w_in per term (a one-hot side scatters its T rows)."""
+    """Flops to materialise one sample's gradient: T·w_out·w_in per term (a one-hot side scatters its T rows)."""
     return sum(t * o * i for t, o, i in terms)
+
+
+def dense_cost(train: list[Shape], n: int, n_probes: int, batch: int, element_bytes: int = 4) -> float:
+    """Cost per training sample of the materialised contraction: build the gradient (n numbers), one product with
+    the P stored probe rows, and the bytes: the gradient written, then read by the product and by its norm, plus
+    its share of one read of the probe store per batch."""
+    moved = element_bytes * (3 * n + n_probes * n / batch)
+    return build_cost(train) + n_probes * n + BYTE_COST * moved
 
 
 def plan_forms(
@@ -660,6 +677,7 @@ def plan_forms(
     budget_bytes: int,
     element_bytes: int = 4,
     force: str | None = None,
+    batch_size: int = 8,
 ) -> FormPlan:
     """Choose, per parameter, the cheaper way to take inner products against all probes, within memory.
 
@@ -667,8 +685,10 @@ def plan_forms(
     P·T_p·T_u·(d_in + d_out) (plus T_u²·(d_in + d_out) for the sample's own norm); materialised costs
     T_u·d_in·d_out to build G_u, then P·d_in·d_out for the dot products, and P·d_in·d_out·bytes of memory for
     the probe side. A parameter with several uses (a tied embedding and lm_head) sums these over its pairs of
-    uses (:func:`ghost_cost`, :func:`build_cost`). Parameters are switched to materialised in order of saved work
-    per byte while the budget lasts. Uses read only at completion positions (an lm_head) see the completion
+    uses (:func:`ghost_cost`, :func:`build_cost`). Both costs count the bytes they move as well as their flops
+    (:data:`BYTE_COST`): the materialised path writes and re-reads n numbers per sample and reads the store once per
+    batch of ``batch_size``. Parameters are switched to materialised in order of saved work per byte of store while
+    the budget lasts. Uses read only at completion positions (an lm_head) see the completion
     lengths. ``force`` ("ghost" or "dense") overrides the choice for every parameter whose uses are all low-rank.
     """
     forms: dict[str, str] = {}
@@ -687,8 +707,8 @@ def plan_forms(
             w_out, w_in = (1, p.shape[1]) if u.kind == "embedding" else (p.shape[0], p[0].numel())
             train.append((tu, w_out, w_in))
             probes.append((tp, w_out, w_in))
-        ghost = ghost_cost(train, probes, n_probes)
-        dense = build_cost(train) + n_probes * n
+        ghost = ghost_cost(train, probes, n_probes, element_bytes)
+        dense = dense_cost(train, n, n_probes, batch_size, element_bytes)
         forms[name] = "dense" if force == "dense" else "lowrank"
         if force is None and dense < ghost:
             mem = n_probes * n * element_bytes

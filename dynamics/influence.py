@@ -51,6 +51,7 @@ from torch import Tensor
 from dynamics.data import Encoded, collate, context_length, encode_record
 from dynamics.errors import DynamicsError
 from dynamics.gradients import (
+    BYTE_COST,
     LOWRANK_KINDS,
     FormPlan,
     Layout,
@@ -59,6 +60,7 @@ from dynamics.gradients import (
     Recorder,
     apply_delta,
     build_cost,
+    dense_cost,
     ghost_cost,
     inner,
     plan_forms,
@@ -376,11 +378,13 @@ def _use_dense(recorder: Recorder, store: ProbeStore, name: str, pg: ParamGrad, 
     parts = [ppg for _, ppg in store.lowrank[name] if len(ppg.terms) == len(pg.terms)]
     train = [t.shape() for t in pg.terms]
     probes = [(float(np.mean([q.terms[j].inp.length for q in parts])), o, i) for j, (_, o, i) in enumerate(train)]
-    ghost = B * ghost_cost(train, probes, P)
-    dense = B * (build_cost(train) + P * n)
+    ref = pg.terms[0].inp.dense if pg.terms[0].inp.dense is not None else pg.terms[0].out.dense
+    eb = ref.element_size() if ref is not None else 4
+    ghost = B * ghost_cost(train, probes, P, eb)
+    dense = B * dense_cost(train, n, P, B, eb)
     if name not in store.dense:
-        bytes_needed = P * n * 4
-        dense += P * build_cost(probes)
+        bytes_needed = P * n * (recorder.dtype or recorder.params[name].dtype).itemsize  # the store's dtype
+        dense += P * (build_cost(probes) + BYTE_COST * n * eb)
         if dense >= ghost or used[0] + bytes_needed > budget:
             return False
         store.dense[name] = store.materialise(name)
@@ -480,7 +484,8 @@ def exact_kernel(lm: LoadedModel, train_enc: list[Encoded], probe_enc: list[Enco
     plan = plan_forms(engine.recorder, len(probe_enc), probes.mean_len(), train.mean_len(),
                       (probes.mean_len(True), train.mean_len(True)), budget,
                       element_bytes=4 if engine.compute_dtype else next(lm.model.parameters()).element_size(),
-                      force=None if config.contraction == "auto" else config.contraction)
+                      force=None if config.contraction == "auto" else config.contraction,
+                      batch_size=config.batch_size)
     if config.contraction == "ghost":
         budget = 0
     store = _probe_pass(engine, probes, plan, probe_weights, keep_lowrank=config.contraction == "auto")

@@ -157,7 +157,8 @@ class InterferenceMonitor(TrainerCallback):
             self.budget = _memory_budget(self.icfg)
             plan = plan_forms(self.engine.recorder, len(enc), batches.mean_len(), batches.mean_len(),
                               (batches.mean_len(True), batches.mean_len(True)), self.budget,
-                              element_bytes=self.dtype.itemsize)
+                              element_bytes=self.dtype.itemsize, batch_size=self.trainer.args.per_device_train_batch_size
+                              if self.trainer is not None else self.icfg.batch_size)
             logp = torch.zeros(len(enc), dtype=torch.float64)
             self.store = _probe_pass(self.engine, batches, plan, None, logp_out=logp)
         finally:
