@@ -284,6 +284,30 @@ def parameter_uses(model: nn.Module, params: dict[str, nn.Parameter], scope: str
     return dict(uses)
 
 
+class _LinearWithoutWeightGrad(torch.autograd.Function):
+    """``F.linear`` whose backward forms ∂L/∂x and ∂L/∂b but leaves ∂L/∂W to the caller: a caller that
+    materialises the per-sample gradients G_b = Δ_bᵀ A_b anyway gets ∂L/∂W = Σ_b G_b for a sum, instead of
+    autograd's own GEMM over all B·T rows (a third of a training step's flops)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(weight)
+        ctx.has_bias = bias is not None
+        return nn.functional.linear(x, weight, bias)  # under autocast: in its dtype, as nn.Linear would
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, Tensor | None]:
+        (weight,) = ctx.saved_tensors
+        dx = grad @ weight.to(grad.dtype) if ctx.needs_input_grad[0] else None
+        db = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, None, db
+
+
+def owns_weight_grad(use: Use) -> bool:
+    """Can :meth:`Recorder.capture` leave this use's weight gradient to its caller (a plain ``nn.Linear``)?"""
+    return use.kind == "linear" and use.role == "weight" and type(use.module).forward is nn.Linear.forward
+
+
 # ---------------------------------------------------------------------------------------- batch layout
 @dataclass
 class Layout:
@@ -354,7 +378,8 @@ class Recorder:
 
     # -- capture ----------------------------------------------------------------------------------------
     def capture(self, layout: Layout | None, on_param: Callable[[str, ParamGrad], None], passive: bool = False,
-                on_forward: Callable[[int, dict], Layout] | None = None, temperature: float = 1.0) -> Recorder:
+                on_forward: Callable[[int, dict], Layout] | None = None, temperature: float = 1.0,
+                own: Iterable[str] = ()) -> Recorder:
         """Arm the hooks for a ``with`` block.
 
         Active (default): the caller runs one forward and :meth:`backward`; parameters are frozen meanwhile.
@@ -364,12 +389,17 @@ class Recorder:
         Forwards with TRL's fused LM head (``fused_lm_head=True``: no logits, no call of the head module) get the
         head's per-sample gradient rebuilt from the backbone's hidden states and ∂L/∂log p of each label token
         (``temperature`` is the one the trainer divides logits by).
+        ``own`` (passive only): weights (single plain-linear uses, :func:`owns_weight_grad`) whose ``.grad`` the
+        caller forms from the emitted per-sample gradients; autograd's backward skips their weight gradient.
         """
         self.layout = layout
         self.temperature = temperature
         self.on_param = on_param
         self.passive = passive
         self.on_forward = on_forward
+        self.own = list(own)
+        if self.own and not passive:
+            raise AssertionError("only a passive capture leaves weight gradients to its caller")
         return self
 
     def __enter__(self) -> Recorder:
@@ -396,7 +426,7 @@ class Recorder:
             self._handles.append(module.register_forward_hook(self._forward_hook))
         if self.passive:
             self._handles.append(self.model.register_forward_pre_hook(self._root_hook, with_kwargs=True))
-            head = _output_head(self.model)
+            head = output_head(self.model)
             self._head = head
             self._head_uses = self._module_uses.get(id(head), []) if head is not None else []
             self._fused: dict[int, dict] = {}
@@ -404,12 +434,22 @@ class Recorder:
                 hf = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
                 self._handles.append(hf.base_model.register_forward_hook(self._backbone_hook))
                 self._handles.append(self.model.register_forward_hook(self._root_out_hook))
+        self._owned_modules = []
+        for name in self.own:
+            (use,) = self.uses[name]
+            assert owns_weight_grad(use), name
+            m = use.module
+            m.forward = lambda x, m=m: _LinearWithoutWeightGrad.apply(x, m.weight, m.bias)
+            self._owned_modules.append(m)
         return self
 
     def __exit__(self, *exc: object) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for m in self._owned_modules:
+            del m.forward  # back to nn.Linear.forward
+        self._owned_modules = []
         if not self.passive:
             for p in self.model.parameters():
                 p.requires_grad_(self._saved_flags[id(p)])
@@ -678,6 +718,7 @@ def plan_forms(
     element_bytes: int = 4,
     force: str | None = None,
     batch_size: int = 8,
+    free_build: Iterable[str] = (),
 ) -> FormPlan:
     """Choose, per parameter, the cheaper way to take inner products against all probes, within memory.
 
@@ -690,10 +731,13 @@ def plan_forms(
     batch of ``batch_size``. Parameters are switched to materialised in order of saved work per byte of store while
     the budget lasts. Uses read only at completion positions (an lm_head) see the completion
     lengths. ``force`` ("ghost" or "dense") overrides the choice for every parameter whose uses are all low-rank.
+    ``free_build``: parameters whose per-sample gradients are materialised in any case (the monitor forms their
+    weight gradient from them instead of autograd), so their materialised path costs no build.
     """
+    free_build = set(free_build)
     forms: dict[str, str] = {}
     gains: list[tuple[float, int, str]] = []
-    head_module = _output_head(recorder.model)
+    head_module = output_head(recorder.model)
     for name, uses in recorder.uses.items():
         kinds = {u.kind for u in uses}
         if not kinds <= LOWRANK_KINDS:
@@ -708,7 +752,8 @@ def plan_forms(
             train.append((tu, w_out, w_in))
             probes.append((tp, w_out, w_in))
         ghost = ghost_cost(train, probes, n_probes, element_bytes)
-        dense = dense_cost(train, n, n_probes, batch_size, element_bytes)
+        dense = dense_cost(train, n, n_probes, batch_size, element_bytes) - (build_cost(train) if name in free_build
+                                                                             else 0.0)
         forms[name] = "dense" if force == "dense" else "lowrank"
         if force is None and dense < ghost:
             mem = n_probes * n * element_bytes
@@ -721,7 +766,7 @@ def plan_forms(
     return FormPlan(forms, used)
 
 
-def _output_head(model: nn.Module) -> nn.Module | None:
+def output_head(model: nn.Module) -> nn.Module | None:
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     return hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
 

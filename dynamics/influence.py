@@ -332,13 +332,14 @@ def _train_pass(engine: _GradientPass, train: Batches, store: ProbeStore, budget
 
 
 def contract(recorder: Recorder, store: ProbeStore, name: str, pg: ParamGrad, budget: int,
-             used: list[int], delta: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+             used: list[int], delta: Tensor | None = None, g: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """One parameter's share of ⟨g(u), g(o)⟩ for a batch against every stored probe, ``(B, P)``, and of
     ‖g(u)‖², ``(B,)`` (float64, on the CPU), by the cheaper contraction for this batch. With ``delta`` (an update
     of the parameter) also its :func:`predicted_change` ⟨g(o), Δ⟩, ``(P,)``, in the same pass over a materialised
-    store (one more row of the product), else ``None``."""
-    if _use_dense(recorder, store, name, pg, budget, used):
-        g, S = pg.materialise(), store.dense[name]
+    store (one more row of the product), else ``None``. ``g``: the batch's gradients already materialised
+    (``pg.materialise()``; the store must hold the parameter materialised)."""
+    if g is not None or _use_dense(recorder, store, name, pg, budget, used):
+        g, S = pg.materialise() if g is None else g, store.dense[name]
         sq = torch.linalg.vecdot(g, g).double().cpu()
         if delta is None:
             return (g @ S.T).double().cpu(), sq, None

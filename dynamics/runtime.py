@@ -6,10 +6,13 @@ from __future__ import annotations
 def tune_cpu_allocator() -> bool:
     """Keep freed memory in the process instead of returning it to the OS after every large tensor (glibc
     ``mallopt``; what PyTorch's CPU tuning guide gets from jemalloc or tcmalloc). Training and gradient passes
-    free and reallocate the same tens of megabytes per layer; by default glibc maps blocks over a few MB
-    afresh each time and the kernel zero-fills their pages again (a plain SFT step of the default model: 8.3 s
-    without these settings, 7.5 s with them, in two separate runs). Blocks up to 32 MB (glibc's ceiling) come from the heap, which is
-    never trimmed (-1 reads as the largest size). Returns whether the settings took (False off glibc)."""
+    free and reallocate the same tensors every step (activations, a head's logits tiles, per-sample gradients);
+    by default glibc maps every block over a few MB afresh (over 32 MB it always does) and the kernel faults in and
+    zero-fills its pages again: 1.1-1.3 million page faults and 2-3 s of system time per SFT step of the default
+    model, twice that with the monitor's 6.8 GiB probe store resident. With every block served from the heap
+    (``M_MMAP_MAX`` 0), which is never trimmed, a warm step takes none: the plain step went from 7.9-8.6 s to
+    6.8-7.0 s and the monitored one from 14.9-16.3 s to 9.8 s (one run each, benchmarks/RESULTS.md). The cost:
+    the process keeps its peak heap until it exits. Returns whether the settings took (False off glibc)."""
     import ctypes
     import ctypes.util
 
@@ -21,6 +24,6 @@ def tune_cpu_allocator() -> bool:
         return False
     if mallopt is None:
         return False
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4
     return all(mallopt(opt, value) == 1 for opt, value in (
-        (m_mmap_threshold, 32 * 2**20), (m_trim_threshold, -1), (m_top_pad, 256 * 2**20)))
+        (m_mmap_max, 0), (m_trim_threshold, -1), (m_top_pad, 256 * 2**20)))

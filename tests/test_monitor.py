@@ -20,20 +20,29 @@ TRAIN = [{"id": f"t{i}", "prompt": [{"role": "user", "content": "abc " * (i + 1)
 PROBES = [{"id": f"p{i}", "prompt": "q" * (2 * i + 1), "completion": "answer"[: i + 2]} for i in range(3)]
 
 
-def _sft_with_monitor(tmp_path, model, params, steps, lr, records=TRAIN, probes=PROBES, batch=4, bf16=False,
-                      refresh=1, callbacks=()):
+def _sft(tmp_path, model, params, steps, lr, records=TRAIN, probes=PROBES, batch=4, bf16=False, refresh=1,
+         callbacks=(), monitor=True, accumulate=1, lora_r=0):
+    tmp_path.mkdir(exist_ok=True)
     (tmp_path / "probes.jsonl").write_text("".join(json.dumps(p) + "\n" for p in probes))
     cfg = SFTRunConfig(output_dir=str(tmp_path / "run"), model=model, max_steps=steps,
                        per_device_train_batch_size=batch, learning_rate=lr, optim="sgd", lr_scheduler_type="constant",
-                       seed=0, max_grad_norm=0.0, bf16=bf16)
+                       seed=0, max_grad_norm=0.0, bf16=bf16, gradient_accumulation_steps=accumulate,
+                       lora_r=lora_r)
     trainer, resume = build_sft_trainer(cfg, records=records)
-    lm = load_model(model)
-    mon = InterferenceMonitor(MonitorConfig(probes=str(tmp_path / "probes.jsonl"), refresh=refresh, target="gold",
-                                            params=params), lm, tmp_path / "run", records=records)
-    mon.attach(trainer)
+    mon = None
+    if monitor:
+        mon = InterferenceMonitor(MonitorConfig(probes=str(tmp_path / "probes.jsonl"), refresh=refresh,
+                                                target="gold", params=params), load_model(model), tmp_path / "run",
+                                  records=records)
+        mon.attach(trainer)
     for cb in callbacks:
         trainer.add_callback(cb)
     run_trainer(trainer, cfg, resume, trainer.run_info)
+    return mon
+
+
+def _sft_with_monitor(tmp_path, *args, **kwargs):
+    _sft(tmp_path, *args, **kwargs)
     return read_jsonl_rows(tmp_path / "run" / "monitor.jsonl")
 
 
@@ -113,6 +122,40 @@ def test_predictions_carried_to_the_next_step_equal_the_update_product(tmp_path)
         assert np.abs(expected).max() > 0
         np.testing.assert_allclose(rows[k]["predicted_dlogp_per_probe"], expected, rtol=1e-3,
                                    atol=1e-4 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("case", [{}, {"accumulate": 2}, {"lora_r": 4}, {"bf16": True}],
+                         ids=["full", "accumulate", "lora", "bf16"])
+def test_monitor_forms_the_weight_gradients_autograd_would(tmp_path, case):
+    """The linear weights the monitor materialises per sample get their gradient from it (Σ_u ∇L_u; autograd
+    skips their weight GEMM): every gradient the optimizer sees equals that of the same run without the monitor
+    (with gradient accumulation, on a LoRA adapter; under bf16 autocast within bf16 rounding)."""
+    import torch
+    from transformers import TrainerCallback
+
+    grads = {}
+
+    class Grads(TrainerCallback):
+        def __init__(self, key):
+            self.key = key
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            grads.setdefault(self.key, []).append(
+                {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+
+    kw = {"steps": 2, "lr": 1e-2, "batch": 2, **case}
+    params = "lora" if "lora_r" in case else "linear"
+    _sft(tmp_path / "plain", "tiny-llama", params, callbacks=[Grads("plain")], monitor=False, **kw)
+    mon = _sft(tmp_path / "mon", "tiny-llama", params, callbacks=[Grads("mon")], **kw)
+    assert len(mon.owned) >= (2 * 2 * 7 if params == "lora" else 2 * 7)  # every linear layer of both blocks
+    assert set(mon.owned) <= set(grads["mon"][0])
+    for plain, got in zip(grads["plain"], grads["mon"], strict=True):
+        assert plain.keys() == got.keys()
+        for n in plain:
+            if case.get("bf16"):
+                assert (got[n] - plain[n]).norm() <= 0.02 * plain[n].norm(), n
+            else:
+                torch.testing.assert_close(got[n], plain[n], rtol=1e-5, atol=1e-7 * plain[n].abs().max().item())
 
 
 @pytest.fixture(scope="module")

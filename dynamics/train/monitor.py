@@ -37,7 +37,7 @@ import torch
 from transformers import TrainerCallback
 
 from dynamics.errors import DynamicsError
-from dynamics.gradients import Layout, ParamGrad
+from dynamics.gradients import Layout, ParamGrad, output_head, owns_weight_grad
 from dynamics.influence import (
     Batches,
     InfluenceConfig,
@@ -112,7 +112,8 @@ class InterferenceMonitor(TrainerCallback):
     # -- wiring ---------------------------------------------------------------------------------------------
     def attach(self, trainer: Any) -> InterferenceMonitor:
         """Wrap the trainer's ``compute_loss`` (to learn each micro-batch's loss scale and, for GRPO, the
-        rollout ids) and register as its callback."""
+        rollout ids) and ``training_step`` (to emit every gradient of a micro-batch when its backward is done),
+        and register as its callback."""
         self.trainer = trainer
         original = trainer.compute_loss
 
@@ -121,6 +122,15 @@ class InterferenceMonitor(TrainerCallback):
             return original(model, inputs, *args, **kwargs)
 
         trainer.compute_loss = compute_loss
+        step = trainer.training_step
+
+        def training_step(*args: Any, **kwargs: Any) -> Any:
+            loss = step(*args, **kwargs)
+            if self._capture is not None:  # what the backward left held (a use whose output got no gradient)
+                self._capture.flush()      # is emitted now, so owned weight gradients are whole before clipping
+            return loss
+
+        trainer.training_step = training_step
         if hasattr(trainer, "_generate_and_score_completions"):
             generate = trainer._generate_and_score_completions
 
@@ -155,17 +165,31 @@ class InterferenceMonitor(TrainerCallback):
             enc = encode_probes(lm, self.probes, self.icfg)
             batches = Batches(enc, self.icfg.batch_size)
             self.budget = _memory_budget(self.icfg)
+            ownable = self._ownable(model)
             plan = plan_forms(self.engine.recorder, len(enc), batches.mean_len(), batches.mean_len(),
                               (batches.mean_len(True), batches.mean_len(True)), self.budget,
                               element_bytes=self.dtype.itemsize, batch_size=self.trainer.args.per_device_train_batch_size
-                              if self.trainer is not None else self.icfg.batch_size)
+                              if self.trainer is not None else self.icfg.batch_size, free_build=ownable)
             logp = torch.zeros(len(enc), dtype=torch.float64)
             self.store = _probe_pass(self.engine, batches, plan, None, logp_out=logp)
         finally:
             model.train(was_training)
         self.used = [self.store.dense_bytes()]
+        self.owned = ownable & set(self.store.dense)
         return {"measured_logp": float(logp.mean()), "measured_logp_per_probe": logp.tolist(),
                 "refreshed": True}
+
+    def _ownable(self, model: torch.nn.Module) -> set[str]:
+        """Weights whose gradient the monitor forms itself, as Σ_u ∇L_u of the per-sample gradients it
+        materialises for the contraction anyway, so that autograd skips their weight GEMM: plain linear layers
+        used once (not the output head, which TRL may fuse); none when gradients are reduced across processes or
+        recomputed (gradient checkpointing). Those the store holds materialised are owned."""
+        args = getattr(self.trainer, "args", None)
+        if args is None or args.world_size > 1 or args.gradient_checkpointing:
+            return set()
+        uses, head = self.engine.recorder.uses, output_head(model)
+        return {n for n in uses
+                if len(uses.get(n, [])) == 1 and owns_weight_grad(uses[n][0]) and uses[n][0].module is not head}
 
     # -- callback events -----------------------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -190,7 +214,8 @@ class InterferenceMonitor(TrainerCallback):
         self._segments: dict[int, tuple[int, int]] = {}
         self._t0 = time.perf_counter()
         self._capture = rec.capture(None, self._on_param, passive=True, on_forward=self._on_forward,
-                                    temperature=float(getattr(self.trainer, "temperature", 1.0) or 1.0))
+                                    temperature=float(getattr(self.trainer, "temperature", 1.0) or 1.0),
+                                    own=self.owned)
         self._capture.__enter__()
 
     def _on_forward(self, segment: int, kwargs: dict) -> Layout:
@@ -225,7 +250,13 @@ class InterferenceMonitor(TrainerCallback):
         start, n = self._segments[pg.segment]
         prev = self._prev.pop(name, None)
         delta = None if prev is None else self.engine.recorder.params[name].detach() - prev
-        rows, sq, ahead = contract(self.engine.recorder, self.store, name, pg, self.budget, self.used, delta)
+        g = None
+        if name in self.owned:  # this micro-batch's share of the weight gradient, which autograd skipped
+            g = pg.materialise()
+            p = self.engine.recorder.params[name]
+            total = g.sum(0, dtype=torch.float32).view_as(p).to(p.dtype)
+            p.grad = total if p.grad is None else p.grad.add_(total)
+        rows, sq, ahead = contract(self.engine.recorder, self.store, name, pg, self.budget, self.used, delta, g)
         if ahead is not None:
             self._ahead += ahead
         seg = list(self._segments).index(pg.segment)
