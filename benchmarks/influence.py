@@ -3,7 +3,7 @@ on the same inputs in one run, each method in a fresh subprocess (so its peak me
 
     bash benchmarks/setup_peers.sh                      # once: .venv-bench with opacus, bergson, kronfluence
     .venv-bench/bin/python -m benchmarks.influence --json out.json [--models tiny-llama,default]
-        [--train 16,64,256 --tokens 32,64,512 --probes 8 --cap 240 --device cuda --dtype bfloat16]
+        [--train 16,64,256 --tokens 32,64,512 --probes 8 --cap 240 --repeat 3 --device cuda --dtype bfloat16]
 
 Two sweeps per model: N_train over ``--train`` at ``--base-tokens`` tokens per sample, and sequence length over
 ``--tokens`` at ``--base-train`` samples. Every method computes K[u, o] = ⟨g(u), g(o)⟩
@@ -194,34 +194,49 @@ def _tokenizer(spec: str):
 
 
 def run_case(case: Case, methods: list[Method], cap: float, dead: dict[str, str], log,
-             last: dict[str, tuple[int, float]] | None = None) -> list[dict]:
+             last: dict[str, tuple[int, float]] | None = None, repeat: int = 1) -> list[dict]:
     """Every method on one case, skipping those in ``dead`` (over the cap or failed on a smaller size) and those
     whose time on the previous size of the sweep, scaled linearly with the size, predicts a run past the cap
-    (``last``: method -> (size, seconds))."""
+    (``last``: method -> (size, seconds)). With ``repeat`` > 1 every method runs that many times, the methods
+    interleaved (so drift in the machine's speed hits all of them alike), and its row is its median run (all
+    times in ``seconds_runs``)."""
     last = {} if last is None else last
     size = case.n_train if case.sweep == "n_train" else case.tokens
     from benchmarks.methods import relative_error
     from benchmarks.report import memory
 
     rows, kernels = [], {}
+    runs: dict[str, list[dict]] = {m.name: [] for m in methods}
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         write_inputs(case, folder)
+        for rep in range(repeat):
+            for m in methods:
+                guess = last[m.name][1] * size / last[m.name][0] if m.name in last else 0.0
+                if rep and runs[m.name][0]["status"] != "ok":
+                    continue
+                if rep:
+                    res, K = run_one(m, case, folder, cap)
+                elif m.name in dead:
+                    res, K = {"status": f"skipped ({dead[m.name]} on a smaller size)"}, None
+                elif guess > cap:
+                    res, K = {"status": f"skipped (predicted {guess:.0f} s, over the {cap:.0f} s cap)"}, None
+                    dead[m.name] = "predicted over the cap"
+                else:
+                    res, K = run_one(m, case, folder, cap)
+                    if res["status"] == "ok":
+                        last[m.name] = (size, res["seconds"])
+                    elif not res["status"].startswith("not installed"):
+                        dead[m.name] = res["status"]
+                if K is not None:
+                    kernels.setdefault(m.name, K)
+                runs[m.name].append(res)
         for m in methods:
-            guess = last[m.name][1] * size / last[m.name][0] if m.name in last else 0.0
-            if m.name in dead:
-                res, K = {"status": f"skipped ({dead[m.name]} on a smaller size)"}, None
-            elif guess > cap:
-                res, K = {"status": f"skipped (predicted {guess:.0f} s, over the {cap:.0f} s cap)"}, None
-                dead[m.name] = "predicted over the cap"
-            else:
-                res, K = run_one(m, case, folder, cap)
-                if res["status"] == "ok":
-                    last[m.name] = (size, res["seconds"])
-                elif not res["status"].startswith("not installed"):
-                    dead[m.name] = res["status"]
-            if K is not None:
-                kernels[m.name] = K
+            ok = sorted((r for r in runs[m.name] if r["status"] == "ok"), key=lambda r: r["seconds"])
+            res = ok[(len(ok) - 1) // 2] if ok and len(ok) == len(runs[m.name]) else next(
+                r for r in runs[m.name] if r["status"] != "ok")
+            if len(ok) > 1:
+                res = {**res, "seconds_runs": [r["seconds"] for r in runs[m.name]]}
             row = {**asdict(case), "method": m.name, "scope": m.scope, "kind": m.kind, **res}
             rows.append(row)
             log(row)
@@ -286,6 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
     ap.add_argument("--methods", default="", help="comma-separated method names (default: all)")
     ap.add_argument("--cap", type=float, default=240, help="seconds per method and size before it is dropped")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per method and size (interleaved; rows are medians)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     ap.add_argument("--figure", type=Path, default=ROOT / "figures" / "benchmark_scaling.png")
@@ -323,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
     for case in cases(args):
         key = (case.model, case.sweep)
-        rows += run_case(case, methods, args.cap, dead.setdefault(key, {}), log, last.setdefault(key, {}))
+        rows += run_case(case, methods, args.cap, dead.setdefault(key, {}), log, last.setdefault(key, {}), args.repeat)
         report = {"machine": machine(), "command": command, "started": time.strftime(
             "%Y-%m-%d %H:%M", time.localtime(started)), "minutes": (time.time() - started) / 60, "rows": rows}
         if args.json:

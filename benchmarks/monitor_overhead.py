@@ -1,11 +1,16 @@
 """Overhead of the live interference monitor (``dynamics train sft --monitor``) on the default model.
 
-Target (issue 10): at most 25% of the SFT step time with 32 probes. Two SFT runs of ``--steps`` steps (after one
-warm-up step, not counted) on the same jigsaw records, batch 8, one without and one with the monitor (probe
-gradients refreshed only at the start, as between refreshes); step times come from each run's ``metrics.jsonl``
-(the time between consecutive logged steps). Prints both medians and their ratio, measured in the same process.
+Target (issue 10): at most 25% of the SFT step time with 32 probes. Two SFT runs on the same jigsaw records, batch
+8, one without and one with the monitor (probe gradients refreshed only at the start, as between refreshes), each
+of ``--warmup`` steps (not counted: the process's heap grows to its working size, with page faults, over the
+first two or three steps), ``--steps`` timed steps and one last step, timed apart: at the last step (as at a
+refresh step) the monitor takes that step's predicted change by a pass of its own over the probe store. Step
+times come from each run's ``metrics.jsonl`` (the time between consecutive logged steps). Prints the medians and
+their ratio, measured in the same process; with ``--repeat R``, R such pairs and the median of their overheads
+(a shared machine's speed drifts by tens of percent over minutes).
 
-    python -m benchmarks.monitor_overhead [--steps 6] [--probes 32] [--bf16] [--params linear] [--json out.json]
+    python -m benchmarks.monitor_overhead [--warmup 3] [--steps 4] [--repeat 1] [--probes 32] [--bf16]
+                                          [--params linear] [--json out.json]
 """
 
 from __future__ import annotations
@@ -28,31 +33,44 @@ from dynamics.train.sft import SFTRunConfig, train_sft
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--probes", type=int, default=32)
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--params", default="linear")
+    ap.add_argument("--repeat", type=int, default=1, help="pairs of runs (plain, monitored); the median pair counts")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     tune_cpu_allocator()  # as the dynamics command does
-    records = get_task("jigsaw").build(8 * (args.steps + 1), 0)
-    out = {"steps": args.steps, "probes": args.probes, "bf16": args.bf16, "params": args.params,
+    total = args.warmup + args.steps + 1
+    records = get_task("jigsaw").build(8 * total, 0)
+    out = {"warmup": args.warmup, "steps": args.steps, "repeat": args.repeat, "probes": args.probes, "bf16": args.bf16, "params": args.params,
            "load_avg_before": os.getloadavg()}
     with tempfile.TemporaryDirectory() as tmp:
         probes = write_records(f"{tmp}/probes.jsonl", text_suite()[:: len(text_suite()) // args.probes][: args.probes])
-        for name, monitor in (("plain", None), ("monitor", str(probes))):
-            cfg = load_config(SFTRunConfig, None, output_dir=f"{tmp}/{name}", model="default", max_steps=args.steps + 1,
-                              per_device_train_batch_size=8, bf16=args.bf16, disable_tqdm=True, seed=0,
-                              optimizer_state="none", checkpoint_schedule="none", monitor=monitor,
-                              monitor_refresh=10_000, monitor_params=args.params)
-            train_sft(cfg, records)
-            times = step_times(Path(f"{tmp}/{name}"))[1:]  # the first interval holds the warm-up step
-            out[f"{name}_s_per_step"] = statistics.median(times)
-    out["overhead"] = out["monitor_s_per_step"] / out["plain_s_per_step"] - 1
+        for rep in range(args.repeat):  # pairs of runs: drift in the machine's speed hits both runs of a pair
+            for name, monitor in (("plain", None), ("monitor", str(probes))):
+                run = f"{tmp}/{name}{rep}"
+                cfg = load_config(SFTRunConfig, None, output_dir=run, model="default", max_steps=total,
+                                  per_device_train_batch_size=8, bf16=args.bf16, disable_tqdm=True, seed=0,
+                                  optimizer_state="none", checkpoint_schedule="none", monitor=monitor,
+                                  monitor_refresh=10_000, monitor_params=args.params)
+                train_sft(cfg, records)
+                times = step_times(Path(run))  # steps 2, 3, ... (the first logged row is step 1's)
+                out.setdefault(f"{name}_s_steps", []).append(times)
+                out.setdefault(f"{name}_s_per_step", []).append(statistics.median(times[args.warmup - 1: -1]))
+                out.setdefault(f"{name}_s_last_step", []).append(times[-1])
+    out["overhead_per_pair"] = [m / p - 1 for p, m in zip(out["plain_s_per_step"], out["monitor_s_per_step"],
+                                                            strict=True)]
+    out["overhead"] = statistics.median(out["overhead_per_pair"])
     out["load_avg_after"] = os.getloadavg()
-    print(f"SFT step, batch 8: {out['plain_s_per_step']:.2f} s; with the monitor ({args.probes} probes, "
-          f"{args.params}): {out['monitor_s_per_step']:.2f} s; overhead {100 * out['overhead']:.0f}% (target <= 25%)"
-          f"; load {out['load_avg_before'][0]:.1f} -> {out['load_avg_after'][0]:.1f}")
+    print(f"SFT step, batch 8: {' / '.join(f'{t:.2f}' for t in out['plain_s_per_step'])} s; with the monitor "
+          f"({args.probes} probes, {args.params}): {' / '.join(f'{t:.2f}' for t in out['monitor_s_per_step'])} s; "
+          f"overhead {' / '.join(f'{100 * o:.0f}%' for o in out['overhead_per_pair'])}, median "
+          f"{100 * out['overhead']:.0f}% (target <= 25%); last step "
+          f"{' / '.join(f'{t:.2f}' for t in out['plain_s_last_step'])} s and "
+          f"{' / '.join(f'{t:.2f}' for t in out['monitor_s_last_step'])} s; "
+          f"load {out['load_avg_before'][0]:.1f} -> {out['load_avg_after'][0]:.1f}")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
 

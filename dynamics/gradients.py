@@ -122,8 +122,14 @@ class LowRank:
         """(T, w_out, w_in): rows, and each side's width as it costs work (1 for a one-hot side)."""
         return self.inp.length, self.out.cost_width, self.inp.cost_width
 
-    def to_dense(self) -> Tensor:
-        """Materialise ``(B, d_out * d_in)``; a one-hot side scatters the other side's rows (no one-hot product)."""
+    def to_dense(self, out: Tensor | None = None) -> Tensor:
+        """Materialise ``(B, d_out * d_in)`` (into ``out`` when given); a one-hot side scatters the other side's
+        rows (no one-hot product)."""
+        if out is not None:
+            if self.out.dense is None or self.inp.dense is None:
+                return out.copy_(self.to_dense())
+            torch.bmm(self.out.dense.transpose(1, 2), self.inp.dense, out=out.view(self.batch, *self.shape()[1:]))
+            return out
         if self.out.ids is not None and self.inp.dense is not None:
             (B, T, d), ids = self.inp.dense.shape, self.out.ids
             out = self.inp.dense.new_zeros(B, self.out.width, d)
@@ -158,8 +164,11 @@ class ParamGrad:
         return ParamGrad([t.select(index) for t in self.terms], None if self.dense is None else self.dense[index],
                          self.segment)
 
-    def materialise(self) -> Tensor:
-        """``(B, n)``: the dense part plus every low-rank term built out."""
+    def materialise(self, out: Tensor | None = None) -> Tensor:
+        """``(B, n)``: the dense part plus every low-rank term built out (written into ``out`` when given)."""
+        if out is not None:
+            return self.terms[0].to_dense(out) if self.dense is None and len(self.terms) == 1 else out.copy_(
+                self.materialise())
         total = self.dense
         for t in self.terms:
             total = t.to_dense() if total is None else total + t.to_dense()

@@ -336,15 +336,15 @@ def contract(recorder: Recorder, store: ProbeStore, name: str, pg: ParamGrad, bu
     """One parameter's share of ⟨g(u), g(o)⟩ for a batch against every stored probe, ``(B, P)``, and of
     ‖g(u)‖², ``(B,)`` (float64, on the CPU), by the cheaper contraction for this batch. With ``delta`` (an update
     of the parameter) also its :func:`predicted_change` ⟨g(o), Δ⟩, ``(P,)``, in the same pass over a materialised
-    store (one more row of the product), else ``None``. ``g``: the batch's gradients already materialised
-    (``pg.materialise()``; the store must hold the parameter materialised)."""
+    store (one more row of the product), else ``None``. ``g``: the rows :func:`stacked_gradients` returns, already
+    built (the store must hold the parameter materialised)."""
     if g is not None or _use_dense(recorder, store, name, pg, budget, used):
-        g, S = pg.materialise() if g is None else g, store.dense[name]
-        sq = torch.linalg.vecdot(g, g).double().cpu()
-        if delta is None:
-            return (g @ S.T).double().cpu(), sq, None
-        prod = (torch.cat([g, delta.reshape(1, -1).to(g.dtype)]) @ S.T).double().cpu()
-        return prod[:-1], sq, prod[-1]
+        S = store.dense[name]
+        g = stacked_gradients(pg, delta, S) if g is None else g
+        B = g.shape[0] - (delta is not None)
+        prod = (g @ S.T).double().cpu()
+        sq = torch.linalg.vecdot(g[:B], g[:B]).double().cpu()
+        return prod[:B], sq, None if delta is None else prod[B]
     rows = None
     for pidx, ppg in store.lowrank[name]:
         k = inner(pg, ppg).double().cpu()
@@ -352,6 +352,17 @@ def contract(recorder: Recorder, store: ProbeStore, name: str, pg: ParamGrad, bu
             rows = torch.zeros(k.shape[0], store.n, dtype=torch.float64)
         rows[:, pidx] += k
     return rows, self_inner(pg).double().cpu(), None if delta is None else predicted_change(store, name, delta)
+
+
+def stacked_gradients(pg: ParamGrad, delta: Tensor | None, like: Tensor) -> Tensor:
+    """The batch's materialised gradients ``(B, n)``, and the update Δ as one more last row when given, built in
+    place in one buffer (no copy to stack them), in the dtype and on the device of ``like`` (the stored ``(P, n)``)."""
+    B = pg.dense.shape[0] if pg.dense is not None else pg.terms[0].batch
+    buf = like.new_empty(B + (delta is not None), like.shape[1])
+    if delta is not None:
+        buf[-1].copy_(delta.reshape(-1))
+    pg.materialise(out=buf[:B])
+    return buf
 
 
 def predicted_change(store: ProbeStore, name: str, delta: Tensor) -> Tensor:

@@ -49,6 +49,7 @@ from dynamics.influence import (
     encode_probes,
     plan_forms,
     predicted_change,
+    stacked_gradients,
 )
 from dynamics.models import LoadedModel
 from dynamics.store import append_jsonl
@@ -252,9 +253,9 @@ class InterferenceMonitor(TrainerCallback):
         delta = None if prev is None else self.engine.recorder.params[name].detach() - prev
         g = None
         if name in self.owned:  # this micro-batch's share of the weight gradient, which autograd skipped
-            g = pg.materialise()
+            g = stacked_gradients(pg, delta, self.store.dense[name])
             p = self.engine.recorder.params[name]
-            total = g.sum(0, dtype=torch.float32).view_as(p).to(p.dtype)
+            total = g[: g.shape[0] - (delta is not None)].sum(0).view_as(p).to(p.dtype)  # (rounded as autograd's)
             p.grad = total if p.grad is None else p.grad.add_(total)
         rows, sq, ahead = contract(self.engine.recorder, self.store, name, pg, self.budget, self.used, delta, g)
         if ahead is not None:
