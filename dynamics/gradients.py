@@ -128,7 +128,8 @@ class LowRank:
         if out is not None:
             if self.out.dense is None or self.inp.dense is None:
                 return out.copy_(self.to_dense())
-            torch.bmm(self.out.dense.transpose(1, 2), self.inp.dense, out=out.view(self.batch, *self.shape()[1:]))
+            o, i = self.out.dense, self.inp.dense
+            torch.bmm(o.transpose(1, 2), i, out=out.view(self.batch, o.shape[-1], i.shape[-1]))
             return out
         if self.out.ids is not None and self.inp.dense is not None:
             (B, T, d), ids = self.inp.dense.shape, self.out.ids

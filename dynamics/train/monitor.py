@@ -189,8 +189,7 @@ class InterferenceMonitor(TrainerCallback):
         if args is None or args.world_size > 1 or args.gradient_checkpointing:
             return set()
         uses, head = self.engine.recorder.uses, output_head(model)
-        return {n for n in uses
-                if len(uses.get(n, [])) == 1 and owns_weight_grad(uses[n][0]) and uses[n][0].module is not head}
+        return {n for n, us in uses.items() if len(us) == 1 and owns_weight_grad(us[0]) and us[0].module is not head}
 
     # -- callback events -----------------------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
