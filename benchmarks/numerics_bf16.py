@@ -1,5 +1,5 @@
 """Error of bf16 against fp32 on the default model (docs/numerics.md): influence with ``--dtype bfloat16``
-(bf16 weights and activations, products accumulated in fp32) and one SFT loss/gradient under bf16 autocast
+(bf16 weights and activations, products accumulated in fp32, and with ``--products model`` in bf16) and one SFT loss/gradient under bf16 autocast
 (what ``train --bf16`` does; weights stay fp32).
 
     .venv/bin/python -m benchmarks.numerics_bf16 [--n 6] [--out benchmarks/results/numerics_bf16.json]
@@ -31,21 +31,29 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> dict:
 
 
 def influence_error(train: list[dict], probes: list[dict]) -> dict:
-    tables, secs = {}, {}
-    for dtype in ("float32", "bfloat16"):
-        lm = load_model("default", dtype=dtype)
+    """The bf16 kernels (products in fp32, and in bf16 with ``products="model"``) against the fp32 one."""
+    runs = {"float32": ("float32", "float32"), "bfloat16": ("bfloat16", "float32"),
+            "bfloat16_model_products": ("bfloat16", "model")}
+    tables, secs, models = {}, {}, {}
+    for name, (dtype, products) in runs.items():
+        lm = models.setdefault(dtype, load_model("default", dtype=dtype))
         t0 = time.perf_counter()
-        tables[dtype] = compute(lm, train, probes, InfluenceConfig(dtype=dtype, target="gold", batch_size=4))
-        secs[dtype] = round(time.perf_counter() - t0, 2)
-    ref, low = tables["float32"], tables["bfloat16"]
-    out = {col: rel(torch.tensor(low[col].to_numpy()), torch.tensor(ref[col].to_numpy()))
-           for col in ("kernel", "train_norm", "probe_norm")}
-    cos_ref, cos_low = torch.tensor(ref["cosine"].to_numpy()), torch.tensor(low["cosine"].to_numpy())
-    out["cosine"] = {"abs_max": float((cos_low - cos_ref).abs().max()),
-                     "abs_mean": float((cos_low - cos_ref).abs().mean()),
-                     "range_fp32": [float(cos_ref.min()), float(cos_ref.max())]}
-    out["kernel_sign_agreement"] = float((torch.tensor(low["kernel"].to_numpy()).sign()
-                                          == torch.tensor(ref["kernel"].to_numpy()).sign()).double().mean())
+        tables[name] = compute(lm, train, probes, InfluenceConfig(dtype=dtype, products=products, target="gold",
+                                                                  batch_size=4))
+        secs[name] = round(time.perf_counter() - t0, 2)
+    ref = tables["float32"]
+    out = {}
+    for name in ("bfloat16", "bfloat16_model_products"):
+        low = tables[name]
+        err = {col: rel(torch.tensor(low[col].to_numpy()), torch.tensor(ref[col].to_numpy()))
+               for col in ("kernel", "train_norm", "probe_norm")}
+        cos_ref, cos_low = torch.tensor(ref["cosine"].to_numpy()), torch.tensor(low["cosine"].to_numpy())
+        err["cosine"] = {"abs_max": float((cos_low - cos_ref).abs().max()),
+                         "abs_mean": float((cos_low - cos_ref).abs().mean()),
+                         "range_fp32": [float(cos_ref.min()), float(cos_ref.max())]}
+        err["kernel_sign_agreement"] = float((torch.tensor(low["kernel"].to_numpy()).sign()
+                                              == torch.tensor(ref["kernel"].to_numpy()).sign()).double().mean())
+        out[name] = err
     out["seconds"] = secs
     return out
 

@@ -40,6 +40,8 @@ MONITOR_REFRESH = typer.Option(None, "--monitor-refresh", help="Recompute the pr
                                "p) every N steps (default 10).")
 MONITOR_PARAMS = typer.Option(None, "--monitor-params", help="Parameters the monitor contracts: linear | all | lora | "
                               "a pattern (default: lora for LoRA runs, else linear).")
+MONITOR_MAX_MEMORY = typer.Option(None, "--monitor-max-memory", help="GiB the monitor holds probe gradients "
+                                  "materialised in (default 8; the rest contract in the slower ghost form).")
 RESUME = typer.Option(False, "--resume", help="Continue the run in --out from its newest complete checkpoint.")
 OVERWRITE = typer.Option(False, "--overwrite", help="Delete the run in --out first.")
 
@@ -87,6 +89,7 @@ def sft(
     monitor: Path | None = MONITOR,
     monitor_refresh: int | None = MONITOR_REFRESH,
     monitor_params: str | None = MONITOR_PARAMS,
+    monitor_max_memory: float | None = MONITOR_MAX_MEMORY,
     resume: bool = RESUME,
     overwrite: bool = OVERWRITE,
 ) -> None:
@@ -102,6 +105,7 @@ def sft(
         eval_every=eval_every, eval_task=eval_task, eval_task_args=eval_task_args,
         eval_data=str(eval_data) if eval_data else None, eval_n=eval_n, probes=str(probes) if probes else None,
         monitor=str(monitor) if monitor else None, monitor_refresh=monitor_refresh, monitor_params=monitor_params,
+        monitor_max_memory=monitor_max_memory,
         resume=resume or None, overwrite=overwrite or None)
     _print(train_sft(cfg))
 
@@ -139,6 +143,7 @@ def rft(
     monitor: Path | None = MONITOR,
     monitor_refresh: int | None = MONITOR_REFRESH,
     monitor_params: str | None = MONITOR_PARAMS,
+    monitor_max_memory: float | None = MONITOR_MAX_MEMORY,
     resume: bool = RESUME,
     overwrite: bool = OVERWRITE,
 ) -> None:
@@ -155,5 +160,6 @@ def rft(
         optimizer_state=optimizer_state, eval_every=eval_every, eval_n=eval_n,
         eval_data=str(eval_data) if eval_data else None, probes=str(probes) if probes else None,
         monitor=str(monitor) if monitor else None, monitor_refresh=monitor_refresh, monitor_params=monitor_params,
+        monitor_max_memory=monitor_max_memory,
         resume=resume or None, overwrite=overwrite or None)
     _print(train_rft(cfg))

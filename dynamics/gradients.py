@@ -382,6 +382,11 @@ class Recorder:
         self._reentrant = False
         self.passive = False
 
+    @property
+    def device(self) -> torch.device:
+        """Where the scoped parameters, and so their per-sample gradients, live."""
+        return next(iter(self.params.values())).device
+
     # -- sizes for the cost model -------------------------------------------------------------------
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {n: tuple(p.shape) for n, p in self.params.items()}

@@ -80,7 +80,9 @@ class InfluenceConfig:
     reduce: str = "sum"  # sum | mean over completion tokens
     batch_size: int = 8
     max_memory_gb: float | None = None  # probe-store budget; default 40% of RAM (of GPU memory on CUDA)
-    dtype: str = "float32"  # float32 | float64 | bfloat16 (products then run in float32)
+    dtype: str = "float32"  # float32 | float64 | bfloat16 (products then run in float32, unless products="model")
+    products: str = "float32"  # a bf16/fp16 model's per-sample products and probe store in float32, or in its own
+    # dtype ("model": half the store and bytes, tensor-core products on GPUs, the gradients' own bf16 rounding)
     mode: str = "exact"  # exact | projected
     proj_dim: int = 1024
     projection: str = "kron"  # kron (LoGra-style, per layer) | jl (TRAK-style, whole gradient)
@@ -107,6 +109,8 @@ class InfluenceConfig:
         if self.contraction not in ("auto", "ghost", "dense"):
             raise DynamicsError(f"--contraction must be auto, ghost or dense, got {self.contraction!r}",
                                 field="contraction")
+        if self.products not in ("float32", "model"):
+            raise DynamicsError(f"--products must be float32 or model, got {self.products!r}", field="products")
         if self.per_token and self.mode != "exact":
             raise DynamicsError("--per-token needs --mode exact", field="per_token")
 
@@ -242,7 +246,8 @@ class _GradientPass:
         self.lm = lm
         self.config = config
         model_dtype = next(lm.model.parameters()).dtype
-        self.compute_dtype = torch.float32 if model_dtype in (torch.bfloat16, torch.float16) else None
+        half = model_dtype in (torch.bfloat16, torch.float16)
+        self.compute_dtype = torch.float32 if half and config.products == "float32" else None
         self.recorder = Recorder(lm.model, config.params, dtype=self.compute_dtype)
         self.pad_id = lm.tokenizer.pad_token_id
 
@@ -287,9 +292,10 @@ def _probe_pass(engine: _GradientPass, probes: Batches, plan: FormPlan, weights:
     ``keep_lowrank``) low-rank everywhere so each training batch can still pick the cheaper contraction.
     ``logp_out`` receives each probe's objective value (its log-likelihood)."""
     store = ProbeStore(n=len(probes.encoded))
-    norms = torch.zeros(store.n, dtype=torch.float64)
+    dev = engine.recorder.device
+    norms = torch.zeros(store.n, dtype=torch.float64, device=dev)  # summed on the device, moved once
     for b, (idx, items) in enumerate(probes):
-        index = torch.tensor(idx)
+        index = torch.tensor(idx, device=dev)
 
         def on_param(name: str, pg: ParamGrad, index: Tensor = index) -> None:
             if plan.dense(name):
@@ -297,28 +303,29 @@ def _probe_pass(engine: _GradientPass, probes: Batches, plan: FormPlan, weights:
                     p = engine.recorder.params[name]  # kept where the training gradients will be
                     store.dense[name] = p.new_zeros(store.n, p.numel(), dtype=engine.recorder.dtype or p.dtype)
                 g = pg.materialise()
-                norms[index] += torch.linalg.vecdot(g, g).double().cpu()  # (the ghost norm costs T² per sample)
+                norms[index] += torch.linalg.vecdot(g, g).double()  # (the ghost norm costs T² per sample)
                 store.dense[name][index] = g
             else:
-                norms[index] += self_inner(pg).double().cpu()
+                norms[index] += self_inner(pg).double()
             if not plan.dense(name) or (keep_lowrank and pg.terms):
                 store.lowrank.setdefault(name, []).append((index, pg))
 
         values = engine.run(items, on_param, None if weights is None else weights[b])
         if logp_out is not None:
-            logp_out[index] = values.double().cpu()
-    store.norms_sq = norms
+            logp_out[index.cpu()] = values.double().cpu()
+    store.norms_sq = norms.cpu()
     return store
 
 
 def _train_pass(engine: _GradientPass, train: Batches, store: ProbeStore, budget: int,
                 progress: Callable[[int], None] | None = None) -> tuple[Tensor, Tensor]:
     """Kernel ``(N_train, P)`` and train norms² against a probe store, one forward+backward per batch."""
-    K = torch.zeros(len(train.encoded), store.n, dtype=torch.float64)
-    norms = torch.zeros(len(train.encoded), dtype=torch.float64)
+    dev = engine.recorder.device  # summed where the products are formed: one copy to the host at the end
+    K = torch.zeros(len(train.encoded), store.n, dtype=torch.float64, device=dev)
+    norms = torch.zeros(len(train.encoded), dtype=torch.float64, device=dev)
     used = [store.dense_bytes()]
     for idx, items in train:
-        index = torch.tensor(idx)
+        index = torch.tensor(idx, device=dev)
 
         def on_param(name: str, pg: ParamGrad, index: Tensor = index) -> None:
             rows, sq, _ = contract(engine.recorder, store, name, pg, budget, used)
@@ -328,13 +335,13 @@ def _train_pass(engine: _GradientPass, train: Batches, store: ProbeStore, budget
         engine.run(items, on_param)
         if progress:
             progress(len(idx))
-    return K, norms
+    return K.cpu(), norms.cpu()
 
 
 def contract(recorder: Recorder, store: ProbeStore, name: str, pg: ParamGrad, budget: int,
              used: list[int], delta: Tensor | None = None, g: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """One parameter's share of ⟨g(u), g(o)⟩ for a batch against every stored probe, ``(B, P)``, and of
-    ‖g(u)‖², ``(B,)`` (float64, on the CPU), by the cheaper contraction for this batch. With ``delta`` (an update
+    ‖g(u)‖², ``(B,)`` (float64, on the gradients' device), by the cheaper contraction for this batch. With ``delta`` (an update
     of the parameter) also its :func:`predicted_change` ⟨g(o), Δ⟩, ``(P,)``, in the same pass over a materialised
     store (one more row of the product), else ``None``. ``g``: the rows :func:`stacked_gradients` returns, already
     built (the store must hold the parameter materialised)."""
@@ -342,16 +349,16 @@ def contract(recorder: Recorder, store: ProbeStore, name: str, pg: ParamGrad, bu
         S = store.dense[name]
         g = stacked_gradients(pg, delta, S) if g is None else g
         B = g.shape[0] - (delta is not None)
-        prod = (g @ S.T).double().cpu()
-        sq = torch.linalg.vecdot(g[:B], g[:B]).double().cpu()
+        prod = (g @ S.T).double()
+        sq = torch.linalg.vecdot(g[:B], g[:B]).double()
         return prod[:B], sq, None if delta is None else prod[B]
     rows = None
     for pidx, ppg in store.lowrank[name]:
-        k = inner(pg, ppg).double().cpu()
+        k = inner(pg, ppg).double()
         if rows is None:
-            rows = torch.zeros(k.shape[0], store.n, dtype=torch.float64)
-        rows[:, pidx] += k
-    return rows, self_inner(pg).double().cpu(), None if delta is None else predicted_change(store, name, delta)
+            rows = k.new_zeros(k.shape[0], store.n)
+        rows[:, pidx.to(k.device)] += k
+    return rows, self_inner(pg).double(), None if delta is None else predicted_change(store, name, delta)
 
 
 def stacked_gradients(pg: ParamGrad, delta: Tensor | None, like: Tensor) -> Tensor:
@@ -369,10 +376,10 @@ def predicted_change(store: ProbeStore, name: str, delta: Tensor) -> Tensor:
     """⟨g(o), Δθ⟩ for every stored probe, ``(P,)``: the first-order change of each probe's objective when the
     parameter ``name`` moves by ``delta`` (any optimizer's update)."""
     if name in store.dense:
-        return (store.dense[name] @ delta.reshape(-1).to(store.dense[name].dtype)).double().cpu()
-    out = torch.zeros(store.n, dtype=torch.float64)
+        return (store.dense[name] @ delta.reshape(-1).to(store.dense[name].dtype)).double()
+    out = torch.zeros(store.n, dtype=torch.float64, device=delta.device)
     for pidx, ppg in store.lowrank[name]:
-        out[pidx] += apply_delta(ppg, delta).double().cpu()
+        out[pidx.to(delta.device)] += apply_delta(ppg, delta).double()
     return out
 
 
@@ -809,7 +816,7 @@ def _projected_block(lm: LoadedModel, block: list[dict], probes: list[dict], job
     store = Path(job.features_dir) if job.features_dir else Path(job.out) / "features"
     store.mkdir(parents=True, exist_ok=True)
     fkey = _slug(json.dumps([ck.spec, [r["id"] for r in block], cfg.params, cfg.reduce, cfg.projection,
-                             cfg.proj_dim, cfg.proj_seed, cfg.dtype]))
+                             cfg.proj_dim, cfg.proj_seed, cfg.dtype, cfg.products]))
     path = store / f"train-{fkey}.pt"
     if path.exists():
         ft = torch.load(path)["features"]

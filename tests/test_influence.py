@@ -100,6 +100,25 @@ def test_bf16_kernel_on_cuda_within_its_error(tiny64):
     assert (K.sign() == K_ref.sign())[big].all()
 
 
+def test_bf16_products_in_the_model_dtype_within_its_error(tiny64):
+    """``products="model"``: a bf16 model's probe store and products in bf16 (half the bytes). The kernel stays
+    within the bf16 error bound against the float64 brute force, keeps the large entries' signs, and is not the
+    float32-products kernel (the option takes effect)."""
+    lm = load_model("tiny-llama", dtype="bfloat16")
+    ref = untied_copy(tiny64)
+    K_ref = reference_grads(ref, TRAIN, "linear") @ reference_grads(ref, PROBES, "linear").T
+    kernels = {}
+    for products in ("float32", "model"):
+        cfg = InfluenceConfig(params="linear", batch_size=2, target="gold", dtype="bfloat16", products=products)
+        K = kernels[products] = kernel_of(compute(lm, TRAIN, PROBES, cfg), len(TRAIN), len(PROBES))
+        assert (K - K_ref).norm() / K_ref.norm() < 0.25
+        big = K_ref.abs() > 0.1 * K_ref.abs().max()
+        assert (K.sign() == K_ref.sign())[big].all()
+    assert not torch.equal(kernels["float32"], kernels["model"])
+    with pytest.raises(DynamicsError, match="--products"):
+        InfluenceConfig(products="half").validate()
+
+
 def test_tied_weights_include_cross_terms(tiny64):
     """SmolLM2-style tied embedding/lm_head: the tensor's per-sample gradient is the sum of both uses, so the
     kernel carries cross terms <g_emb(o), g_head(u)> that two separate parameters would not have."""

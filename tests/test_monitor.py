@@ -221,11 +221,13 @@ def test_grpo_push_follows_advantage(tmp_path, counting_task):
     assert np.allclose(push[~moving], 0, atol=1e-6 * np.abs(push).max())
 
 
-@pytest.mark.parametrize("extra", [[], ["--lora", "4"], ["--bf16"]], ids=["full", "lora", "bf16"])
+@pytest.mark.parametrize("extra", [[], ["--lora", "4"], ["--bf16"], ["--monitor-max-memory", "0"]],
+                         ids=["full", "lora", "bf16", "ghost-only"])
 def test_train_command_runs_the_monitor(cli, tmp_path, extra):
     """`dynamics train sft --monitor probes.jsonl`: a row per step, the base measurement, refreshes on schedule;
     a LoRA run contracts the adapter's gradients (the only ones its backward computes); under bf16 autocast the
-    captured bf16 factors are contracted in fp32."""
+    captured bf16 factors are contracted in fp32; `--monitor-max-memory 0` keeps every probe gradient in ghost
+    form (nothing materialised), where the default budget materialises some layers of the full model."""
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TRAIN))
     (tmp_path / "probes.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PROBES))
     args = ["train", "sft", "--model", "tiny-llama", "--data", str(tmp_path / "train.jsonl"), "--max-steps", "3",
@@ -240,4 +242,6 @@ def test_train_command_runs_the_monitor(cli, tmp_path, extra):
     assert all(len(row["samples"]) == 4 and set(row["samples"]) <= {t["id"] for t in TRAIN} for row in steps)
     assert all(np.isfinite(row["predicted_dlogp"]) and row["mean_abs_kernel"] > 0 for row in steps)
     assert rows[2]["measured_logp_per_probe"] != rows[0]["measured_logp_per_probe"]  # refreshed after training
+    if "--monitor-max-memory" in extra or not extra:  # (LoRA's small factors are cheaper to contract in ghost form)
+        assert (rows[0]["materialised_gib"] == 0) == bool(extra)
     # (forecast accuracy is checked at a small SGD step in test_predicted_change_follows_measured_on_default_model)

@@ -76,6 +76,8 @@ class MonitorConfig:
         cfg.validate()
         if self.refresh < 1:
             raise DynamicsError("--monitor-refresh must be >= 1", field="monitor_refresh")
+        if self.max_memory_gb is not None and self.max_memory_gb < 0:
+            raise DynamicsError("--monitor-max-memory must be >= 0 GiB", field="monitor_max_memory")
         return cfg
 
 
@@ -178,7 +180,7 @@ class InterferenceMonitor(TrainerCallback):
         self.used = [self.store.dense_bytes()]
         self.owned = ownable & set(self.store.dense)
         return {"measured_logp": float(logp.mean()), "measured_logp_per_probe": logp.tolist(),
-                "refreshed": True}
+                "refreshed": True, "materialised_gib": round(self.used[0] / 2**30, 4)}
 
     def _ownable(self, model: torch.nn.Module) -> set[str]:
         """Weights whose gradient the monitor forms itself, as Σ_u ∇L_u of the per-sample gradients it
@@ -204,7 +206,7 @@ class InterferenceMonitor(TrainerCallback):
         rec = self.engine.recorder
         # the held row's update Δθ = θ_now − θ_before is contracted in this step's pass over the store
         self._prev = self._before if self._held is not None else {}
-        self._ahead = torch.zeros(self.store.n, dtype=torch.float64)
+        self._ahead = torch.zeros(self.store.n, dtype=torch.float64, device=rec.device)  # sums stay on the device
         self._before = {n: p.detach().clone() for n, p in rec.params.items()}
         self._rows: list[str] = []
         self._push: list[torch.Tensor] = []
@@ -228,8 +230,9 @@ class InterferenceMonitor(TrainerCallback):
             self._rows.append(self.ids_by_row.get(_row_key(row), f"row{start + b}"))
         self._segments[segment] = (start, ids.shape[0])
         n = ids.shape[0]
-        self._push.append(torch.zeros(n, self.store.n, dtype=torch.float64))
-        self._norms.append(torch.zeros(n, dtype=torch.float64))
+        dev = self.engine.recorder.device
+        self._push.append(torch.zeros(n, self.store.n, dtype=torch.float64, device=dev))
+        self._norms.append(torch.zeros(n, dtype=torch.float64, device=dev))
         scale = None
         if "advantages" not in micro.get("inputs", {}):  # SFT: token-mean NLL over the optimizer step
             labels = kwargs.get("labels")
@@ -301,6 +304,7 @@ class InterferenceMonitor(TrainerCallback):
 
     @staticmethod
     def _predicted(row: dict, predicted: torch.Tensor) -> dict:
+        predicted = predicted.cpu()
         return {**row, "predicted_dlogp": float(predicted.mean()), "predicted_dlogp_per_probe": predicted.tolist()}
 
     def _write(self, state: Any, row: dict) -> None:
@@ -312,8 +316,8 @@ class InterferenceMonitor(TrainerCallback):
         append_jsonl(self.path, row)
 
     def _row(self, step: int) -> dict:
-        push = torch.cat(self._push) if self._push else torch.zeros(0, self.store.n, dtype=torch.float64)
-        norms = torch.cat(self._norms).clamp(min=0).sqrt() if self._norms else torch.zeros(0)
+        push = torch.cat(self._push).cpu() if self._push else torch.zeros(0, self.store.n, dtype=torch.float64)
+        norms = torch.cat(self._norms).cpu().clamp(min=0).sqrt() if self._norms else torch.zeros(0)
         probe_norms = self.store.norms_sq.clamp(min=0).sqrt()
         cos = push / (norms[:, None] * probe_norms[None, :]).clamp(min=1e-300)
         scales = torch.tensor([s if s is not None else float("nan") for s in self._scales], dtype=torch.float64)
@@ -362,6 +366,8 @@ def attach_monitor(trainer: Any, config: Any, lm: LoadedModel, records: list[dic
         return
     params = config.monitor_params or ("lora" if (config.lora_r or lm.is_peft) else "linear")
     mc = MonitorConfig(probes=config.monitor, refresh=config.monitor_refresh, params=params)
+    if config.monitor_max_memory is not None:
+        mc.max_memory_gb = config.monitor_max_memory
     InterferenceMonitor(mc, lm, config.output_dir, records=records).attach(trainer)
 
 
