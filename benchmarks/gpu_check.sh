@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The CUDA tests, then a compact influence benchmark on one CUDA GPU (about 7 minutes), on a randomly
 # initialised ~0.45B-parameter Llama (hidden 1536, 16 layers, 32k vocabulary; no other weights exist offline),
-# in three runs ordered so that what matters most finishes first: bf16 at N_train 16 and 64 with every exact method and the per-layer
-# projections; fp32 at N_train 16 for dynamics, the floor and the naive loop; the global projections at 16.
+# in three runs ordered so that what matters most finishes first (RUNS picks some): bf16 at N_train 16 and 64 with
+# every exact method, dynamics' forced contractions and bf16 products, and the per-layer projections; fp32 at
+# N_train 16 for dynamics (auto and forced), the floor and the naive loop; the global projections at 16.
 #   here:  bash benchmarks/gpu_wheels.sh          (peer wheels for Python 3.12 into .whl/)
 #   there: bash benchmarks/gpu_check.sh           (with .whl carried; peers are skipped if it is absent)
 # Files go to $OUT (or /tmp/gpu-bench); `--report-only` on the JSON files rebuilds the tables anywhere.
@@ -25,7 +26,14 @@ bench() {  # name dtype train methods
     --device "$DEVICE" --dtype "$2" --cap 45 --json "$DIR/gpu_$1.json" --results "$DIR/RESULTS_gpu_$1.md" \
     --figure "$DIR/gpu_$1.png" --methods "$4"
 }
-bench bf16 bfloat16 16,64 "forward+backward (floor),dynamics exact linear,dynamics exact body,dynamics projected kron,\
-naive loop linear,torch.func linear,opacus linear,kronfluence linear,bergson body,bergson projected per-module"
-bench fp32 float32 16 "forward+backward (floor),dynamics exact linear,naive loop linear"
-bench global bfloat16 16 "dynamics exact body,dynamics projected jl,bergson projected global"
+EXACT="forward+backward (floor),dynamics exact linear,dynamics exact linear model-dtype,dynamics exact linear ghost,\
+dynamics exact linear dense"
+for run in ${RUNS-bf16 fp32 global}; do
+  case $run in
+    bf16) bench bf16 bfloat16 16,64 "$EXACT,opacus linear,torch.func linear,naive loop linear,kronfluence linear,\
+dynamics exact body,bergson body,dynamics projected kron,bergson projected per-module" ;;
+    fp32) bench fp32 float32 16 "forward+backward (floor),dynamics exact linear,dynamics exact linear ghost,\
+dynamics exact linear dense,naive loop linear" ;;
+    global) bench global bfloat16 16 "dynamics exact body,dynamics projected jl,bergson projected global" ;;
+  esac
+done

@@ -47,12 +47,19 @@ class Method:
     kind: str  # exact | projected | floor
     needs: str = ""  # the library it imports (to report it missing)
     kwargs: dict = field(default_factory=dict)
+    variant: bool = False  # a variant of dynamics itself: run only when named in --methods
 
 
 K_DIM = 1024  # projected features per layer (kron: 32 x 32) or in all (jl)
 METHODS = [
     Method("forward+backward (floor)", "benchmarks.methods:floor", "-", "floor"),
     Method("dynamics exact linear", "benchmarks.methods:dynamics_exact", "linear", "exact"),
+    Method("dynamics exact linear ghost", "benchmarks.methods:dynamics_exact", "linear", "exact",
+           kwargs={"contraction": "ghost"}, variant=True),  # the planner's two forced choices, to check its pick per device
+    Method("dynamics exact linear dense", "benchmarks.methods:dynamics_exact", "linear", "exact",
+           kwargs={"contraction": "dense"}, variant=True),
+    Method("dynamics exact linear model-dtype", "benchmarks.methods:dynamics_exact", "linear", "exact",
+           kwargs={"products": "model"}, variant=True),  # a bf16 model's products and store in bf16
     Method("dynamics exact all", "benchmarks.methods:dynamics_exact", "all", "exact"),
     Method("dynamics exact body", "benchmarks.methods:dynamics_exact", "body", "exact"),
     Method("dynamics projected kron", "benchmarks.methods:dynamics_projected", "body", "projected",
@@ -321,7 +328,8 @@ def main(argv: list[str] | None = None) -> None:
         reports = [json.loads(p.read_text()) for p in args.report_only]
         write_figure([r for rep in reports for r in rep["rows"]], args.figure)
         return write_results(reports, args.results, args.figure)
-    methods = [BY_NAME[n.strip()] for n in args.methods.split(",")] if args.methods else METHODS
+    methods = [BY_NAME[n.strip()] for n in args.methods.split(",")] if args.methods else \
+        [m for m in METHODS if not m.variant]
     command = " ".join([Path(sys.executable).relative_to(ROOT).as_posix() if Path(sys.executable).is_relative_to(
         ROOT) else "python", "-m", "benchmarks.influence", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     rows: list[dict] = []

@@ -97,11 +97,12 @@ def relative_error(K: Tensor, ref: Tensor) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------- methods
-def dynamics_exact(lm: LoadedModel, inputs: Inputs, *, scope: str = "linear",
-                   batch_size: int = 8, device: str = "cpu", **_: object) -> Tensor:
-    """``dynamics`` exact mode: hooks, ghost or materialised contraction per layer and batch."""
+def dynamics_exact(lm: LoadedModel, inputs: Inputs, *, scope: str = "linear", batch_size: int = 8,
+                   device: str = "cpu", contraction: str = "auto", products: str = "float32", **_: object) -> Tensor:
+    """``dynamics`` exact mode: hooks, ghost or materialised contraction per layer and batch (``contraction``
+    forces one, to check the planner's choice); ``products="model"`` keeps a bf16 model's products in bf16."""
     cfg = InfluenceConfig(params=resolve_scope(lm.model, scope), batch_size=batch_size, target="gold",
-                          device=device)
+                          device=device, contraction=contraction, products=products)
     K, _, _ = exact_kernel(lm, inputs.train, inputs.probes, cfg)
     return K
 
