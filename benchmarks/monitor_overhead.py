@@ -10,7 +10,7 @@ their ratio, measured in the same process; with ``--repeat R``, R such pairs and
 (a shared machine's speed drifts by tens of percent over minutes).
 
     python -m benchmarks.monitor_overhead [--warmup 3] [--steps 4] [--repeat 1] [--probes 32] [--bf16]
-                                          [--params linear] [--json out.json]
+                                          [--params linear] [--max-memory GiB] [--json out.json]
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ def main() -> None:
     ap.add_argument("--probes", type=int, default=32)
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--params", default="linear")
+    ap.add_argument("--max-memory", type=float, default=None,
+                    help="GiB of probe store held materialised (--monitor-max-memory; default 8)")
     ap.add_argument("--repeat", type=int, default=1, help="pairs of runs (plain, monitored); the median pair counts")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -45,7 +47,7 @@ def main() -> None:
     total = args.warmup + args.steps + 1
     records = get_task("jigsaw").build(8 * total, 0)
     out = {"warmup": args.warmup, "steps": args.steps, "repeat": args.repeat, "probes": args.probes, "bf16": args.bf16, "params": args.params,
-           "load_avg_before": os.getloadavg()}
+           "max_memory_gb": args.max_memory, "load_avg_before": os.getloadavg()}
     with tempfile.TemporaryDirectory() as tmp:
         probes = write_records(f"{tmp}/probes.jsonl", text_suite()[:: len(text_suite()) // args.probes][: args.probes])
         for rep in range(args.repeat):  # pairs of runs: drift in the machine's speed hits both runs of a pair
@@ -54,7 +56,8 @@ def main() -> None:
                 cfg = load_config(SFTRunConfig, None, output_dir=run, model="default", max_steps=total,
                                   per_device_train_batch_size=8, bf16=args.bf16, disable_tqdm=True, seed=0,
                                   optimizer_state="none", checkpoint_schedule="none", monitor=monitor,
-                                  monitor_refresh=10_000, monitor_params=args.params)
+                                  monitor_refresh=10_000, monitor_params=args.params,
+                                  monitor_max_memory=args.max_memory)
                 train_sft(cfg, records)
                 times = step_times(Path(run))  # steps 2, 3, ... (the first logged row is step 1's)
                 out.setdefault(f"{name}_s_steps", []).append(times)
