@@ -109,10 +109,11 @@ def dynamics_exact(lm: LoadedModel, inputs: Inputs, *, scope: str = "linear", ba
 
 def dynamics_projected(lm: LoadedModel, inputs: Inputs, *, scope: str = "body",
                        projection: str = "kron", proj_dim: int = 1024, batch_size: int = 8, device: str = "cpu",
-                       **_: object) -> Tensor:
+                       proj_seed: int = 0, **_: object) -> Tensor:
     """``dynamics`` projected mode: ⟨φ(u), φ(o)⟩ with Kronecker (per layer) or JL (whole gradient) features."""
     cfg = InfluenceConfig(params=resolve_scope(lm.model, scope), batch_size=batch_size, target="gold",
-                          mode="projected", projection=projection, proj_dim=proj_dim, device=device)
+                          mode="projected", projection=projection, proj_dim=proj_dim, device=device,
+                          proj_seed=proj_seed)
     return (features(lm, inputs.train, cfg) @ features(lm, inputs.probes, cfg).T).double()
 
 

@@ -97,7 +97,7 @@ def _bergson_data(items: list[Encoded]):  # noqa: ANN202
 
 
 def bergson(lm: LoadedModel, inputs: Inputs, *, projection_dim: int = 0, projection_target: str = "per_module",
-            batch_size: int = 8, **_: object) -> Tensor:
+            batch_size: int = 8, projection_seed: int = 0, **_: object) -> Tensor:
     """bergson's in-memory pipeline with on-the-fly queries, as in its own benchmark: collect the queries'
     gradients with an ``InMemoryCollector``, then score the training set with a ``Scorer`` while its gradients
     are collected (no index on disk, no preconditioner). ``projection_dim=0`` keeps gradients uncompressed;
@@ -115,7 +115,7 @@ def bergson(lm: LoadedModel, inputs: Inputs, *, projection_dim: int = 0, project
 
     def processor() -> GradientProcessor:
         return GradientProcessor(projection_dim=projection_dim or None, projection_target=projection_target,
-                                 projection_seed=0)
+                                 projection_seed=projection_seed)
 
     with tempfile.TemporaryDirectory() as out:
         cfg = IndexConfig(run_path=f"{out}/run", loss_reduction="sum", token_batch_size=tokens,
