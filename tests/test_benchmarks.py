@@ -4,6 +4,10 @@ sample, flatten, dot) on the tiny model at the smallest size, with what the proj
 
 from __future__ import annotations
 
+import functools
+import json
+import sys
+
 import pytest
 import torch
 
@@ -30,7 +34,8 @@ def test_every_exact_method_equals_the_naive_loop(tiny_inputs, scope):
     lm, inputs = tiny_inputs
     ref = methods.naive(lm, inputs, scope=scope)
     assert ref.shape == (4, 2) and ref.abs().max() > 0
-    for fn in (methods.dynamics_exact, methods.torch_func):
+    forced = [functools.partial(methods.dynamics_exact, contraction=c) for c in ("ghost", "dense")]
+    for fn in (methods.dynamics_exact, methods.torch_func, *forced):
         K = fn(lm, inputs, scope=scope, batch_size=2)
         # the naive loop takes its log-softmax in fp32 (influence_core), hence 1e-6 and not fp64's 1e-12
         torch.testing.assert_close(K, ref, rtol=1e-6, atol=1e-6 * float(ref.abs().max()))
@@ -70,3 +75,18 @@ def test_benchmark_run_in_subprocesses_agrees_with_naive(tmp_path):
     assert by["naive loop linear"]["rel_fro"] < 1e-5
     assert by["dynamics exact linear"]["rel_fro"] < 1e-5  # against the naive loop
     assert by["forward+backward (floor)"]["time_ratio"] > 0 and by["dynamics exact linear"]["extra_mb"] >= 0
+
+
+def test_projection_error_over_draws(tmp_path, monkeypatch):
+    """benchmarks/projection_error.py: one error per seed and method, each draw its own (different errors), all
+    small on the tiny model (kron keeps its 32-wide sides exactly)."""
+    from benchmarks import projection_error
+
+    out = tmp_path / "err.json"
+    monkeypatch.setattr(sys, "argv", ["x", "--model", "tiny-llama", "--train", "4", "--tokens", "32", "--seeds", "2",
+                                      "--methods", "kron,jl", "--json", str(out)])
+    projection_error.main()
+    errors = json.loads(out.read_text())["errors"]
+    assert set(errors) == {"kron", "jl"} and all(len(e) == 2 for e in errors.values())
+    assert errors["jl"][0] != errors["jl"][1]
+    assert max(errors["kron"]) < 0.05 and max(errors["jl"]) < 0.5
