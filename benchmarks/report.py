@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dynamics.store import atomic_path
+
 SWEEPS = {"n_train": "N_train", "tokens": "sequence length (tokens)"}
 
 
@@ -156,8 +158,12 @@ def targets(rows: list[dict]) -> list[str]:
     return lines
 
 
+HAND_MARK = "<!-- written by hand below: kept when the tables above are regenerated -->"
+
+
 def write_results(reports: list[dict], path: Path, figure: Path) -> None:
-    """RESULTS.md from one or more runs (their rows merged; each run's command listed)."""
+    """RESULTS.md from one or more runs (their rows merged; each run's command listed); whatever follows
+    :data:`HAND_MARK` in the existing file is kept after the new tables."""
     from benchmarks.influence import BASELINE, BY_NAME, K_DIM
 
     rows = [r for rep in reports for r in rep["rows"]]
@@ -210,4 +216,7 @@ def write_results(reports: list[dict], path: Path, figure: Path) -> None:
                        and not r["status"].startswith("skipped")})
     if failures:
         out += ["## Not measured", "", *[f"- {f}" for f in failures], ""]
-    path.write_text("\n".join(out))
+    old = path.read_text() if path.exists() else ""
+    kept = old[old.index(HAND_MARK):] if HAND_MARK in old else ""  # hand-written sections survive a rewrite
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text("\n".join(out) + ("\n" + kept if kept else ""))

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from benchmarks import methods
-from benchmarks.influence import BY_NAME, Case, run_case
+from benchmarks.influence import BY_NAME, Case, machine, run_case
 from benchmarks.influence_core import make_records
+from benchmarks.report import HAND_MARK, write_results
 from dynamics.influence import InfluenceConfig, exact_kernel
 from dynamics.models import load_model
 
@@ -75,6 +76,14 @@ def test_benchmark_run_in_subprocesses_agrees_with_naive(tmp_path):
     assert by["naive loop linear"]["rel_fro"] < 1e-5
     assert by["dynamics exact linear"]["rel_fro"] < 1e-5  # against the naive loop
     assert by["forward+backward (floor)"]["time_ratio"] > 0 and by["dynamics exact linear"]["extra_mb"] >= 0
+    # RESULTS.md is rewritten from the rows; what follows the hand-written marker is kept
+    results = tmp_path / "RESULTS.md"
+    results.write_text(f"old tables\n{HAND_MARK}\n## Notes\nby hand\n")
+    write_results([{"machine": machine(), "command": "cmd", "started": "now", "minutes": 1.0, "rows": rows}],
+                  results, tmp_path / "fig.png")
+    text = results.read_text()
+    assert "old tables" not in text and "| dynamics exact linear |" in text
+    assert text.endswith(f"{HAND_MARK}\n## Notes\nby hand\n")
 
 
 def test_projection_error_over_draws(tmp_path, monkeypatch):
