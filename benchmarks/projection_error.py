@@ -19,7 +19,7 @@ import torch
 
 from benchmarks.influence import K_DIM, bench_model
 from benchmarks.influence_core import make_records
-from benchmarks.methods import Inputs, dynamics_exact, dynamics_projected
+from benchmarks.methods import Inputs, dynamics_exact, dynamics_projected, relative_error
 
 METHODS = {
     "kron": lambda lm, inp, s: dynamics_projected(lm, inp, projection="kron", proj_dim=K_DIM, proj_seed=s),
@@ -50,7 +50,7 @@ def main() -> None:
     exact = dynamics_exact(lm, inp, scope="body")
     out = {"model": args.model, "n_train": args.train, "tokens": args.tokens, "seeds": args.seeds, "errors": {}}
     for name in args.methods.split(","):
-        errs = [float((METHODS[name](lm, inp, s).double() - exact).norm() / exact.norm()) for s in range(args.seeds)]
+        errs = [relative_error(METHODS[name](lm, inp, s), exact)["rel_fro"] for s in range(args.seeds)]
         out["errors"][name] = errs
         print(f"{name:20s} mean {statistics.mean(errs):.4f}  min {min(errs):.4f}  max {max(errs):.4f}  "
               f"draws {' '.join(f'{e:.4f}' for e in errs)}", flush=True)

@@ -357,7 +357,7 @@ def contract(recorder: Recorder, store: ProbeStore, name: str, pg: ParamGrad, bu
         k = inner(pg, ppg).double()
         if rows is None:
             rows = k.new_zeros(k.shape[0], store.n)
-        rows[:, pidx.to(k.device)] += k
+        rows[:, pidx] += k
     return rows, self_inner(pg).double(), None if delta is None else predicted_change(store, name, delta)
 
 
@@ -379,7 +379,7 @@ def predicted_change(store: ProbeStore, name: str, delta: Tensor) -> Tensor:
         return (store.dense[name] @ delta.reshape(-1).to(store.dense[name].dtype)).double()
     out = torch.zeros(store.n, dtype=torch.float64, device=delta.device)
     for pidx, ppg in store.lowrank[name]:
-        out[pidx.to(delta.device)] += apply_delta(ppg, delta).double()
+        out[pidx] += apply_delta(ppg, delta).double()
     return out
 
 
