@@ -3,7 +3,8 @@
 # initialised ~0.45B-parameter Llama (hidden 1536, 16 layers, 32k vocabulary; no other weights exist offline),
 # in three runs ordered so that what matters most finishes first (RUNS picks some): bf16 at N_train 16 and 64 with
 # every exact method, dynamics' forced contractions and bf16 products, and the per-layer projections; fp32 at
-# N_train 16 for dynamics (auto and forced), the floor and the naive loop; the global projections at 16.
+# N_train 16 for dynamics (auto and forced), the floor and the naive loop; the global projections at 16. RUNS=grouped
+# (not in the default) times ghost layers contracted in same-shape groups against one at a time, at N_train 64.
 #   here:  bash benchmarks/gpu_wheels.sh          (peer wheels for Python 3.12 into .whl/)
 #   there: bash benchmarks/gpu_check.sh           (with .whl carried; peers are skipped if it is absent)
 # Files go to $OUT (or /tmp/gpu-bench); `--report-only` on the JSON files rebuilds the tables anywhere.
@@ -21,10 +22,10 @@ python3 -c 'import torch, transformers; print("torch", torch.__version__, "trans
 # the CUDA cases of the influence tests (kernel against the brute force on the device, projections' bounds)
 timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_influence.py -k cuda 2>&1 | tail -15
 MODEL=${MODEL:-random-llama-1536x16} DEVICE=${DEVICE:-cuda}
-bench() {  # name dtype train methods
+bench() {  # name dtype train methods [more options]
   python3 -m benchmarks.influence --models $MODEL --train "$3" --tokens "" --base-tokens 128 --probes 8 \
     --device "$DEVICE" --dtype "$2" --cap 45 --json "$DIR/gpu_$1.json" --results "$DIR/RESULTS_gpu_$1.md" \
-    --figure "$DIR/gpu_$1.png" --methods "$4"
+    --figure "$DIR/gpu_$1.png" --methods "$4" "${@:5}"
 }
 EXACT="forward+backward (floor),dynamics exact linear,dynamics exact linear model-dtype,dynamics exact linear ghost,\
 dynamics exact linear dense"
@@ -35,5 +36,8 @@ dynamics exact body,bergson body,dynamics projected kron,bergson projected per-m
     fp32) bench fp32 float32 16 "forward+backward (floor),dynamics exact linear,dynamics exact linear ghost,\
 dynamics exact linear dense,naive loop linear" ;;
     global) bench global bfloat16 16 "dynamics exact body,dynamics projected jl,bergson projected global" ;;
+    grouped) for dt in bfloat16 float32; do  # same-shape layers contracted together against one at a time
+      bench "grouped_$dt" $dt 64 "forward+backward (floor),dynamics exact linear,dynamics exact linear per-layer,\
+dynamics exact linear ghost,dynamics exact linear model-dtype,opacus linear" --repeat 3; done ;;
   esac
 done

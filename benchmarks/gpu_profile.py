@@ -3,6 +3,9 @@ model with fp32 products, with ``--products model``, and an fp32 model (N 64, 8 
 to the floor (one batched forward+backward). Tables of ops by GPU and CPU time go to $OUT/prof_<case>.txt.
 
     OUT=/tmp python -m benchmarks.gpu_profile          # on a CUDA machine (DEV=cpu SPEC=tiny-llama to try it here)
+
+COLD=1 profiles the first call instead (after only the one-sample forward+backward the benchmark's subprocesses
+warm up with), to see what a fresh process pays once; CASES picks some of bfloat16-float32,bfloat16-model,float32-float32.
 """
 import os
 import time
@@ -17,13 +20,23 @@ from benchmarks.methods import Inputs, dynamics_exact
 out = os.environ.get("OUT", "/tmp")
 DEV, SPEC = os.environ.get("DEV", "cuda"), os.environ.get("SPEC", "random-llama-1536x16")
 sync = torch.cuda.synchronize if DEV == "cuda" else (lambda: None)
-for dtype, products in [("bfloat16", "float32"), ("bfloat16", "model"), ("float32", "float32")]:
+COLD = os.environ.get("COLD") == "1"
+CASES = os.environ.get("CASES", "bfloat16-float32,bfloat16-model,float32-float32").split(",")
+for dtype, products in (c.split("-") for c in CASES):
     lm = bench_model(SPEC, dtype, DEV)
     tr = make_records(lm.tokenizer, 64, 128, "t", 0)
     pr = make_records(lm.tokenizer, 8, 128, "p", 1)
     inputs = Inputs.of(lm, tr, pr)
     standard_forward_backward(lm, tr[:1], 1)
-    dynamics_exact(lm, inputs, device=DEV, products=products)  # warm
+    if COLD:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as cold:
+            dynamics_exact(lm, inputs, device=DEV, products=products)
+            sync()
+        with open(f"{out}/prof_cold_{dtype}-{products}.txt", "w") as f:
+            f.write(cold.key_averages().table(sort_by="self_cpu_time_total", row_limit=50, max_name_column_width=80))
+            f.write(cold.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=80))
+    else:
+        dynamics_exact(lm, inputs, device=DEV, products=products)  # warm
     sync()
     t = time.perf_counter()
     dynamics_exact(lm, inputs, device=DEV, products=products)

@@ -60,6 +60,8 @@ METHODS = [
            kwargs={"contraction": "dense"}, variant=True),
     Method("dynamics exact linear model-dtype", "benchmarks.methods:dynamics_exact", "linear", "exact",
            kwargs={"products": "model"}, variant=True),  # a bf16 model's products and store in bf16
+    Method("dynamics exact linear per-layer", "benchmarks.methods:dynamics_exact", "linear", "exact",
+           kwargs={"group_bytes": 1}, variant=True),  # ghost layers contracted one at a time, not in shape groups
     Method("dynamics exact all", "benchmarks.methods:dynamics_exact", "all", "exact"),
     Method("dynamics exact body", "benchmarks.methods:dynamics_exact", "body", "exact"),
     Method("dynamics projected kron", "benchmarks.methods:dynamics_projected", "body", "projected",

@@ -17,13 +17,15 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from unittest.mock import patch
 
 import torch
 from torch import Tensor
 
+from dynamics import influence
 from dynamics.data import Encoded, collate
 from dynamics.gradients import scope_parameters
-from dynamics.influence import InfluenceConfig, encode_all, exact_kernel, features
+from dynamics.influence import InfluenceConfig, encode_all, features
 from dynamics.models import LoadedModel
 
 Kernel = Callable[..., Tensor]
@@ -98,12 +100,15 @@ def relative_error(K: Tensor, ref: Tensor) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------------------------- methods
 def dynamics_exact(lm: LoadedModel, inputs: Inputs, *, scope: str = "linear", batch_size: int = 8,
-                   device: str = "cpu", contraction: str = "auto", products: str = "float32", **_: object) -> Tensor:
+                   device: str = "cpu", contraction: str = "auto", products: str = "float32",
+                   group_bytes: int | None = None, **_: object) -> Tensor:
     """``dynamics`` exact mode: hooks, ghost or materialised contraction per layer and batch (``contraction``
-    forces one, to check the planner's choice); ``products="model"`` keeps a bf16 model's products in bf16."""
+    forces one, to check the planner's choice); ``products="model"`` keeps a bf16 model's products in bf16;
+    ``group_bytes=1`` contracts ghost layers one at a time instead of in same-shape groups."""
     cfg = InfluenceConfig(params=resolve_scope(lm.model, scope), batch_size=batch_size, target="gold",
                           device=device, contraction=contraction, products=products)
-    K, _, _ = exact_kernel(lm, inputs.train, inputs.probes, cfg)
+    with patch.object(influence, "GROUP_BYTES", group_bytes or influence.GROUP_BYTES):
+        K, _, _ = influence.exact_kernel(lm, inputs.train, inputs.probes, cfg)
     return K
 
 

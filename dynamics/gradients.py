@@ -151,6 +151,23 @@ def lowrank_cross_diag(a: LowRank, b: LowRank) -> Tensor:
     return (diag_cross_gram(a.out, b.out) * diag_cross_gram(a.inp, b.inp)).sum((-1, -2))
 
 
+def stacked_inner(out_a: Tensor, inp_a: Tensor, out_b: Tensor, inp_b: Tensor) -> Tensor:
+    """Σ_l ⟨G_a,l[i], G_b,l[j]⟩ over L layers of one shape, ``(B_a, B_b)``, from factors stacked ``(L, B, T, d)``:
+    :func:`lowrank_inner` of every layer at once, two batched GEMMs in all instead of two per layer."""
+    (L, B, T, _), (_, P, S, _) = out_a.shape, out_b.shape
+    go = torch.bmm(out_a.reshape(L, B * T, -1), out_b.reshape(L, P * S, -1).transpose(1, 2))
+    gi = torch.bmm(inp_a.reshape(L, B * T, -1), inp_b.reshape(L, P * S, -1).transpose(1, 2))
+    return go.mul_(gi).view(L, B, T, P, S).sum((0, 2, 4))
+
+
+def stacked_self_inner(out: Tensor, inp: Tensor) -> Tensor:
+    """Σ_l ‖G_l[i]‖² over L layers of one shape, ``(B,)``, from factors stacked ``(L, B, T, d)``."""
+    L, B, T, _ = out.shape
+    go = torch.bmm(out.reshape(L * B, T, -1), out.reshape(L * B, T, -1).transpose(1, 2))
+    gi = torch.bmm(inp.reshape(L * B, T, -1), inp.reshape(L * B, T, -1).transpose(1, 2))
+    return go.mul_(gi).view(L, B, T * T).sum((0, 2))
+
+
 # ---------------------------------------------------------------------------------- per-parameter gradients
 @dataclass
 class ParamGrad:

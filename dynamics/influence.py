@@ -55,6 +55,7 @@ from dynamics.gradients import (
     LOWRANK_KINDS,
     FormPlan,
     Layout,
+    LowRank,
     ParamGrad,
     Projector,
     Recorder,
@@ -65,6 +66,8 @@ from dynamics.gradients import (
     inner,
     plan_forms,
     self_inner,
+    stacked_inner,
+    stacked_self_inner,
 )
 from dynamics.models import LoadedModel
 from dynamics.store import atomic_path, file_hash, versions, write_json
@@ -325,17 +328,72 @@ def _train_pass(engine: _GradientPass, train: Batches, store: ProbeStore, budget
     norms = torch.zeros(len(train.encoded), dtype=torch.float64, device=dev)
     used = [store.dense_bytes()]
     for idx, items in train:
+        acc = _BatchKernel(engine.recorder, store, budget, used, len(idx))
+        engine.run(items, acc.add)
         index = torch.tensor(idx, device=dev)
-
-        def on_param(name: str, pg: ParamGrad, index: Tensor = index) -> None:
-            rows, sq, _ = contract(engine.recorder, store, name, pg, budget, used)
-            K[index] += rows
-            norms[index] += sq
-
-        engine.run(items, on_param)
+        K[index], norms[index] = acc.finish()
         if progress:
             progress(len(idx))
     return K.cpu(), norms.cpu()
+
+
+GROUP_BYTES = 1 << 28  # the most Gram (and stacked factor) bytes one grouped ghost contraction may hold
+
+
+class _BatchKernel:
+    """One training batch's kernel rows ``(B, P)`` and norms² ``(B,)``, summed over parameters on the device.
+
+    Parameters that take the ghost contraction with one term of the same shapes (the same layer of every block)
+    wait and are contracted together, as many layers per batched GEMM as :data:`GROUP_BYTES` allows
+    (:func:`stacked_inner`): tens of small kernels per layer become a few per group, which is what bounds a GPU
+    at small batches. The rest are contracted as they arrive (:func:`contract`)."""
+
+    def __init__(self, recorder: Recorder, store: ProbeStore, budget: int, used: list[int], batch: int) -> None:
+        self.recorder, self.store, self.budget, self.used = recorder, store, budget, used
+        self.rows = torch.zeros(batch, store.n, dtype=torch.float64, device=recorder.device)
+        self.sq = torch.zeros(batch, dtype=torch.float64, device=recorder.device)
+        self.groups: dict[tuple, tuple[list[Tensor], list[tuple[LowRank, list[LowRank]]]]] = {}
+
+    def add(self, name: str, pg: ParamGrad) -> None:
+        parts = self.store.lowrank.get(name, [])
+        single = [pg, *(q for _, q in parts)]
+        if (parts and all(q.dense is None and len(q.terms) == 1 and q.terms[0].out.dense is not None
+                          and q.terms[0].inp.dense is not None for q in single)
+                and not _use_dense(self.recorder, self.store, name, pg, self.budget, self.used)):
+            t = pg.terms[0]
+            key = (t.out.dense.shape, t.inp.dense.shape, t.out.dense.dtype,
+                   tuple((id(i), q.terms[0].out.dense.shape, q.terms[0].inp.dense.shape) for i, q in parts))
+            _, group = self.groups.setdefault(key, ([i for i, _ in parts], []))
+            group.append((t, [q.terms[0] for _, q in parts]))
+            if len(group) >= self._group_size(t, group[0][1]):
+                self._contract(key)
+            return
+        rows, sq, _ = contract(self.recorder, self.store, name, pg, self.budget, self.used)
+        self.rows += rows
+        self.sq += sq
+
+    @staticmethod
+    def _group_size(t: LowRank, probes: list[LowRank]) -> int:
+        """Layers per grouped contraction: two Grams per probe batch and for the norms, plus the stacked factors."""
+        (B, T, o), i = t.out.dense.shape, t.inp.dense.shape[-1]
+        per_layer = 2 * B * T * (T + sum(q.batch * q.inp.length for q in probes))
+        per_layer += (B * T + sum(q.batch * q.inp.length for q in probes)) * (o + i)
+        return max(1, GROUP_BYTES // (per_layer * t.out.dense.element_size()))
+
+    def _contract(self, key: tuple) -> None:
+        probe_index, group = self.groups.pop(key)
+        out = torch.stack([t.out.dense for t, _ in group])
+        inp = torch.stack([t.inp.dense for t, _ in group])
+        for j, pidx in enumerate(probe_index):
+            q_out = torch.stack([qs[j].out.dense for _, qs in group])
+            q_inp = torch.stack([qs[j].inp.dense for _, qs in group])
+            self.rows[:, pidx] += stacked_inner(out, inp, q_out, q_inp).double()
+        self.sq += stacked_self_inner(out, inp).double()
+
+    def finish(self) -> tuple[Tensor, Tensor]:
+        for key in list(self.groups):
+            self._contract(key)
+        return self.rows, self.sq
 
 
 def contract(recorder: Recorder, store: ProbeStore, name: str, pg: ParamGrad, budget: int,

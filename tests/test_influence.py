@@ -12,7 +12,9 @@ import torch
 from influence_reference import reference_grads, untied_copy
 from PIL import Image
 
+from dynamics import influence
 from dynamics.errors import DynamicsError
+from dynamics.gradients import stacked_inner
 from dynamics.influence import InfluenceConfig, compute, one_step, per_token_kernel
 from dynamics.models import load_model
 
@@ -70,6 +72,23 @@ def test_exact_kernel_equals_brute_force_fp64(tiny64, scope, reduce, batch_size,
     cfg = InfluenceConfig(params=scope, reduce=reduce, batch_size=batch_size, contraction=contraction,
                           target="gold", dtype="float64")
     assert_matches_reference(tiny64, TRAIN, PROBES, cfg, rtol=1e-6, ref_lm=ref)
+
+
+@pytest.mark.parametrize(("group_bytes", "largest"), [(1, 1), (1 << 28, 4)])
+def test_grouped_ghost_contraction_equals_brute_force(tiny64, monkeypatch, group_bytes, largest):
+    """Same-shape weights contracted in one batched GEMM (up to 4 in tiny-llama: q and o, or gate and up, of both
+    layers) or one at a time, against probe batches of unequal sizes (2 and 1)."""
+    seen = []
+
+    def recording(out_a, *rest):
+        seen.append(out_a.shape[0])
+        return stacked_inner(out_a, *rest)
+
+    monkeypatch.setattr(influence, "GROUP_BYTES", group_bytes)
+    monkeypatch.setattr(influence, "stacked_inner", recording)
+    cfg = InfluenceConfig(params="linear", batch_size=2, contraction="ghost", target="gold", dtype="float64")
+    assert_matches_reference(tiny64, TRAIN, PROBES, cfg, rtol=1e-6, ref_lm=untied_copy(tiny64))
+    assert max(seen) == largest
 
 
 @needs_cuda
