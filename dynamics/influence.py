@@ -241,6 +241,16 @@ def _memory_budget(config: InfluenceConfig) -> int:
 
 
 # ------------------------------------------------------------------------------------------- the engine
+def _attention_without_cudnn() -> contextlib.AbstractContextManager:
+    """Scaled dot-product attention by flash or memory-efficient kernels (math as the fallback), not cuDNN's:
+    cuDNN builds a graph for every new sequence length, hundreds of ms each (PyTorch prefers it on Hopper GPUs),
+    and batches sorted by length give nearly every batch a new length. In a fresh process on an H200 that build
+    was most of the gap between a first call and a warm one (benchmarks/RESULTS.md)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 class _GradientPass:
     """Runs batches through the model with a :class:`Recorder`, handing each parameter's per-sample gradient to
     a callback; owns dtype handling and per-token expansion."""
@@ -258,7 +268,7 @@ class _GradientPass:
             token_weights: Tensor | None = None) -> Tensor:
         """One forward/backward; returns the per-sample objective values (detached)."""
         batch = collate(items, self.pad_id)
-        with torch.enable_grad(), self.recorder.capture(_layout(items), on_param):
+        with torch.enable_grad(), _attention_without_cudnn(), self.recorder.capture(_layout(items), on_param):
             logp, valid = token_logprobs(self.lm.model, batch)
             weights = token_weights if token_weights is not None else sequence_weights(valid, self.config.reduce)
             per_sample = (logp * weights.to(logp.device, logp.dtype)).sum(1)

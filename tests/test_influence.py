@@ -91,6 +91,20 @@ def test_grouped_ghost_contraction_equals_brute_force(tiny64, monkeypatch, group
     assert max(seen) == largest
 
 
+def test_gradient_passes_leave_out_cudnn_attention(tiny64):
+    """cuDNN attention builds a graph per sequence length; the passes (batches sorted by length) switch it off and
+    restore the setting after."""
+    seen = []
+    handle = tiny64.model.model.register_forward_pre_hook(
+        lambda *_: seen.append(torch.backends.cuda.cudnn_sdp_enabled()))
+    try:
+        compute(tiny64, TRAIN, PROBES, InfluenceConfig(batch_size=2, target="gold", dtype="float64"))
+    finally:
+        handle.remove()
+    assert seen and not any(seen)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
 @needs_cuda
 @pytest.mark.parametrize(("dtype", "rtol"), [("float64", 1e-6), ("float32", 1e-4)])
 @pytest.mark.parametrize("contraction", ["ghost", "dense"])
