@@ -145,10 +145,15 @@ def token_logprobs(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Te
     """log π(y_t | y_<t, x) at every completion token, ``(B, Tc)`` (zero where invalid), and the validity mask.
 
     The body runs on the whole sequence; the output head only on the completion positions (rows of padding
-    are zero, so they carry no gradient)."""
+    are zero, so they carry no gradient). A text-only causal LM gets no attention mask: batches are right-padded,
+    so a real token never sees padding (it comes after), and plain causal attention takes the fused kernels that
+    skip the masked half; padding rows then hold garbage that nothing reads and that gets no gradient. Models with
+    a vision config keep the mask (Qwen2.5-VL derives its position ids from it)."""
     hf, body, head = _split_model(model)
     device = next(model.parameters()).device
-    keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
+    keys = ("input_ids", "pixel_values", "image_grid_thw")
+    if hasattr(hf.config, "vision_config"):
+        keys += ("attention_mask",)
     inputs = {k: batch[k].to(device) for k in keys if k in batch}
     hidden = body(**inputs, use_cache=False).last_hidden_state
     pos, valid, targets = (t.to(device) for t in completion_positions(batch["input_ids"], batch["completion_mask"]))
