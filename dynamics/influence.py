@@ -65,6 +65,7 @@ from dynamics.gradients import (
     ghost_cost,
     inner,
     plan_forms,
+    row_sq_norms,
     self_inner,
     stacked_inner,
     stacked_self_inner,
@@ -321,7 +322,7 @@ def _probe_pass(engine: _GradientPass, probes: Batches, plan: FormPlan, weights:
                     p = engine.recorder.params[name]  # kept where the training gradients will be
                     store.dense[name] = p.new_zeros(store.n, p.numel(), dtype=engine.recorder.dtype or p.dtype)
                 g = pg.materialise()
-                norms[index] += torch.linalg.vecdot(g, g).double()  # (the ghost norm costs T² per sample)
+                norms[index] += row_sq_norms(g).double()  # (the ghost norm costs T² per sample)
                 store.dense[name][index] = g
             else:
                 norms[index] += self_inner(pg).double()
@@ -423,7 +424,7 @@ def contract(recorder: Recorder, store: ProbeStore, name: str, pg: ParamGrad, bu
         g = stacked_gradients(pg, delta, S) if g is None else g
         B = g.shape[0] - (delta is not None)
         prod = (g @ S.T).double()
-        sq = torch.linalg.vecdot(g[:B], g[:B]).double()
+        sq = row_sq_norms(g[:B]).double()
         return prod[:B], sq, None if delta is None else prod[B]
     rows = None
     for pidx, ppg in store.lowrank[name]:
