@@ -372,9 +372,9 @@ class _BatchKernel:
 
     def add(self, name: str, pg: ParamGrad) -> None:
         parts = self.store.lowrank.get(name, [])
-        single = [pg, *(q for _, q in parts)]
+        both_sides = [pg, *(q for _, q in parts)]  # the batch's gradient and every stored probe batch's
         if (parts and all(q.dense is None and len(q.terms) == 1 and q.terms[0].out.dense is not None
-                          and q.terms[0].inp.dense is not None for q in single)
+                          and q.terms[0].inp.dense is not None for q in both_sides)
                 and not _use_dense(self.recorder, self.store, name, pg, self.budget, self.used)):
             t = pg.terms[0]
             key = (t.out.dense.shape, t.inp.dense.shape, t.out.dense.dtype,
