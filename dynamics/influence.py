@@ -373,9 +373,9 @@ class _BatchKernel:
     def add(self, name: str, pg: ParamGrad) -> None:
         parts = self.store.lowrank.get(name, [])
         both_sides = [pg, *(q for _, q in parts)]  # the batch's gradient and every stored probe batch's
-        if (parts and all(q.dense is None and len(q.terms) == 1 and q.terms[0].out.dense is not None
-                          and q.terms[0].inp.dense is not None for q in both_sides)
-                and not _use_dense(self.recorder, self.store, name, pg, self.budget, self.used)):
+        dense = _use_dense(self.recorder, self.store, name, pg, self.budget, self.used)
+        if not dense and parts and all(q.dense is None and len(q.terms) == 1 and q.terms[0].out.dense is not None
+                                       and q.terms[0].inp.dense is not None for q in both_sides):
             t = pg.terms[0]
             key = (t.out.dense.shape, t.inp.dense.shape, t.out.dense.dtype,
                    tuple((id(i), q.terms[0].out.dense.shape, q.terms[0].inp.dense.shape) for i, q in parts))
@@ -384,7 +384,7 @@ class _BatchKernel:
             if len(group) >= self._group_size(t, group[0][1]):
                 self._contract(key)
             return
-        rows, sq, _ = contract(self.recorder, self.store, name, pg, self.budget, self.used)
+        rows, sq, _ = _dense_rows(self.store, name, pg) if dense else _ghost_rows(self.store, name, pg)
         self.rows += rows
         self.sq += sq
 
@@ -420,12 +420,24 @@ def contract(recorder: Recorder, store: ProbeStore, name: str, pg: ParamGrad, bu
     store (one more row of the product), else ``None``. ``g``: the rows :func:`stacked_gradients` returns, already
     built (the store must hold the parameter materialised)."""
     if g is not None or _use_dense(recorder, store, name, pg, budget, used):
-        S = store.dense[name]
-        g = stacked_gradients(pg, delta, S) if g is None else g
-        B = g.shape[0] - (delta is not None)
-        prod = (g @ S.T).double()
-        sq = row_sq_norms(g[:B]).double()
-        return prod[:B], sq, None if delta is None else prod[B]
+        return _dense_rows(store, name, pg, delta, g)
+    return _ghost_rows(store, name, pg, delta)
+
+
+def _dense_rows(store: ProbeStore, name: str, pg: ParamGrad, delta: Tensor | None = None,
+                g: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:func:`contract` by the materialised store: one product of the batch's built gradients with it."""
+    S = store.dense[name]
+    g = stacked_gradients(pg, delta, S) if g is None else g
+    B = g.shape[0] - (delta is not None)
+    prod = (g @ S.T).double()
+    sq = row_sq_norms(g[:B]).double()
+    return prod[:B], sq, None if delta is None else prod[B]
+
+
+def _ghost_rows(store: ProbeStore, name: str, pg: ParamGrad,
+                delta: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:func:`contract` by ghost inner products with each stored probe batch's low-rank terms."""
     rows = None
     for pidx, ppg in store.lowrank[name]:
         k = inner(pg, ppg).double()
