@@ -158,6 +158,46 @@ def test_monitor_forms_the_weight_gradients_autograd_would(tmp_path, case):
                 torch.testing.assert_close(got[n], plain[n], rtol=1e-5, atol=1e-7 * plain[n].abs().max().item())
 
 
+def test_layers_materialised_during_training_are_owned_from_the_next_step(tmp_path, monkeypatch):
+    """A plan that leaves every layer in ghost form at the refresh (as for GRPO, whose rollouts are not known
+    then): a batch that the materialised contraction pays off for materialises a layer, and from the next step on
+    the monitor forms that layer's weight gradient, so autograd does not form it a second time. Every gradient
+    still equals that of the run without the monitor."""
+    import torch
+    from transformers import TrainerCallback
+
+    import dynamics.train.monitor as monitor
+    from dynamics.gradients import FormPlan
+
+    monkeypatch.setattr(monitor, "plan_forms", lambda rec, *a, **k: FormPlan(dict.fromkeys(rec.uses, "lowrank"), 0))
+    owned, begin = [], monitor.InterferenceMonitor.on_step_begin
+
+    def spy(self, *args, **kwargs):
+        begin(self, *args, **kwargs)
+        owned.append(set(self.owned))
+
+    monkeypatch.setattr(monitor.InterferenceMonitor, "on_step_begin", spy)
+    grads = {}
+
+    class Grads(TrainerCallback):
+        def __init__(self, key):
+            self.key = key
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            grads.setdefault(self.key, []).append(
+                {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+
+    long_rows = [{**r, "prompt": [{"role": "user", "content": "abc " * 40}]} for r in TRAIN]
+    kw = {"steps": 3, "lr": 1e-2, "batch": 4, "records": long_rows, "refresh": 100}
+    _sft(tmp_path / "plain", "tiny-llama", "linear", callbacks=[Grads("plain")], monitor=False, **kw)
+    _sft(tmp_path / "mon", "tiny-llama", "linear", callbacks=[Grads("mon")], **kw)
+    assert owned[0] == set() and len(owned[1]) >= 2 * 7  # materialised by step 1's batch, owned from step 2
+    for plain, got in zip(grads["plain"], grads["mon"], strict=True):
+        assert plain.keys() == got.keys()
+        for n in plain:
+            torch.testing.assert_close(got[n], plain[n], rtol=1e-5, atol=1e-6 * plain[n].abs().max().item())
+
+
 @pytest.fixture(scope="module")
 def counting_task():
     """A task whose reward varies between samples of a random model (so GRPO advantages are non-zero)."""

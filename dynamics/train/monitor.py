@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import TrainerCallback
 
@@ -100,12 +101,14 @@ class InterferenceMonitor(TrainerCallback):
         self.probe_ids = [p["id"] for p in self.probes]
         self.ids_by_row: dict[str, str] = {}
         self.tokens_by_id: dict[str, tuple[list[int], int]] = {}  # GRPO rollouts: token ids, prompt length
+        self.train_lens: list[tuple[int, int]] = []  # SFT rows' (tokens, completion tokens), for the plan
         if records is not None:  # SFT: a training row is known by its token ids
             from dynamics.data import encode_record
 
             for r in records:
                 enc = encode_record(lm.processing_class, r)
                 self.ids_by_row[_row_key(torch.tensor(enc.input_ids))] = r["id"]
+                self.train_lens.append((len(enc.input_ids), sum(enc.completion_mask)))
         self.trainer: Any = None
         self.store: ProbeStore | None = None
         self._capture = None
@@ -168,17 +171,20 @@ class InterferenceMonitor(TrainerCallback):
             enc = encode_probes(lm, self.probes, self.icfg)
             batches = Batches(enc, self.icfg.batch_size)
             self.budget = _memory_budget(self.icfg)
-            ownable = self._ownable(model)
-            plan = plan_forms(self.engine.recorder, len(enc), batches.mean_len(), batches.mean_len(),
-                              (batches.mean_len(True), batches.mean_len(True)), self.budget,
+            self.ownable = self._ownable(model)
+            # the training rows' lengths where known (SFT), else the probes' (GRPO: rollouts come later; a layer
+            # the plan leaves in ghost form is materialised by the first batch it pays off for, and owned from then)
+            train_len, train_completion = (np.mean(self.train_lens, axis=0) if self.train_lens
+                                           else (batches.mean_len(), batches.mean_len(True)))
+            plan = plan_forms(self.engine.recorder, len(enc), batches.mean_len(), float(train_len),
+                              (batches.mean_len(True), float(train_completion)), self.budget,
                               element_bytes=self.dtype.itemsize, batch_size=self.trainer.args.per_device_train_batch_size
-                              if self.trainer is not None else self.icfg.batch_size, free_build=ownable)
+                              if self.trainer is not None else self.icfg.batch_size, free_build=self.ownable)
             logp = torch.zeros(len(enc), dtype=torch.float64)
             self.store = _probe_pass(self.engine, batches, plan, None, logp_out=logp)
         finally:
             model.train(was_training)
         self.used = [self.store.dense_bytes()]
-        self.owned = ownable & set(self.store.dense)
         return {"measured_logp": float(logp.mean()), "measured_logp_per_probe": logp.tolist(),
                 "refreshed": True, "materialised_gib": round(self.used[0] / 2**30, 4)}
 
@@ -215,6 +221,7 @@ class InterferenceMonitor(TrainerCallback):
         self._advantages: list[float] = []
         self._segments: dict[int, tuple[int, int]] = {}
         self._t0 = time.perf_counter()
+        self.owned = self.ownable & set(self.store.dense)  # with the layers a batch has since materialised
         self._capture = rec.capture(None, self._on_param, passive=True, on_forward=self._on_forward,
                                     temperature=float(getattr(self.trainer, "temperature", 1.0) or 1.0),
                                     own=self.owned)
