@@ -66,6 +66,7 @@ from dynamics.gradients import (
     inner,
     plan_forms,
     row_sq_norms,
+    rows_inner,
     self_inner,
     stacked_inner,
     stacked_self_inner,
@@ -430,7 +431,7 @@ def _dense_rows(store: ProbeStore, name: str, pg: ParamGrad, delta: Tensor | Non
     S = store.dense[name]
     g = stacked_gradients(pg, delta, S) if g is None else g
     B = g.shape[0] - (delta is not None)
-    prod = (g @ S.T).double()
+    prod = rows_inner(g, S).double()
     sq = row_sq_norms(g[:B]).double()
     return prod[:B], sq, None if delta is None else prod[B]
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from dynamics import influence
 from dynamics.errors import DynamicsError
-from dynamics.gradients import stacked_inner
+from dynamics.gradients import rows_inner, stacked_inner
 from dynamics.influence import InfluenceConfig, compute, one_step, per_token_kernel
 from dynamics.models import load_model
 
@@ -89,6 +89,29 @@ def test_grouped_ghost_contraction_equals_brute_force(tiny64, monkeypatch, group
     cfg = InfluenceConfig(params="linear", batch_size=2, contraction="ghost", target="gold", dtype="float64")
     assert_matches_reference(tiny64, TRAIN, PROBES, cfg, rtol=1e-6, ref_lm=untied_copy(tiny64))
     assert max(seen) == largest
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_long_rows_product_in_chunks_equals_the_plain_product(monkeypatch, dtype):
+    """``rows_inner`` cuts long rows into one chunk per thread plus a remainder, multiplies them as a batch and sums:
+    the product ``a @ bᵀ`` (to the dtype's rounding); short rows and bf16 take the plain product."""
+    calls = []
+
+    def bmm(*args):
+        calls.append(args[0].shape)
+        return torch.matmul(*args)
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    monkeypatch.setattr(torch, "bmm", bmm)
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(9, 3 * 4096 + 2, generator=gen, dtype=dtype)
+    b = torch.randn(4, 3 * 4096 + 2, generator=gen, dtype=dtype)
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(rows_inner(a, b).double(), a.double() @ b.double().T, rtol=rtol, atol=rtol * 100)
+    assert calls == [(3, 9, 4096)]
+    rows_inner(a[:, :4096], b[:, :4096])
+    rows_inner(a.bfloat16(), b.bfloat16())
+    assert len(calls) == 1
 
 
 def test_gradient_passes_leave_out_cudnn_attention(tiny64):
