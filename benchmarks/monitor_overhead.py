@@ -10,7 +10,7 @@ their ratio, measured in the same process; with ``--repeat R``, R such pairs and
 (a shared machine's speed drifts by tens of percent over minutes).
 
     python -m benchmarks.monitor_overhead [--warmup 3] [--steps 4] [--repeat 1] [--probes 32] [--bf16]
-                                          [--params linear] [--max-memory GiB] [--json out.json]
+                                          [--params linear] [--max-memory GiB] [--dtype auto] [--json out.json]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.train_steps import step_times
+from dynamics.store import read_jsonl_rows
 from dynamics.data import write_records
 from dynamics.probes import text_suite
 from dynamics.runtime import tune_cpu_allocator
@@ -40,6 +41,7 @@ def main() -> None:
     ap.add_argument("--params", default="linear")
     ap.add_argument("--max-memory", type=float, default=None,
                     help="GiB of probe store held materialised (--monitor-max-memory; default 8)")
+    ap.add_argument("--dtype", default="auto", help="the monitor's store: auto | float32 | bfloat16 (--monitor-dtype)")
     ap.add_argument("--repeat", type=int, default=1, help="pairs of runs (plain, monitored); the median pair counts")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -47,7 +49,7 @@ def main() -> None:
     total = args.warmup + args.steps + 1
     records = get_task("jigsaw").build(8 * total, 0)
     out = {"warmup": args.warmup, "steps": args.steps, "repeat": args.repeat, "probes": args.probes, "bf16": args.bf16, "params": args.params,
-           "max_memory_gb": args.max_memory, "load_avg_before": os.getloadavg()}
+           "max_memory_gb": args.max_memory, "dtype": args.dtype, "load_avg_before": os.getloadavg()}
     with tempfile.TemporaryDirectory() as tmp:
         probes = write_records(f"{tmp}/probes.jsonl", text_suite()[:: len(text_suite()) // args.probes][: args.probes])
         for rep in range(args.repeat):  # pairs of runs: drift in the machine's speed hits both runs of a pair
@@ -57,12 +59,15 @@ def main() -> None:
                                   per_device_train_batch_size=8, bf16=args.bf16, disable_tqdm=True, seed=0,
                                   optimizer_state="none", checkpoint_schedule="none", monitor=monitor,
                                   monitor_refresh=10_000, monitor_params=args.params,
-                                  monitor_max_memory=args.max_memory)
+                                  monitor_max_memory=args.max_memory, monitor_dtype=args.dtype)
                 train_sft(cfg, records)
                 times = step_times(Path(run))  # steps 2, 3, ... (the first logged row is step 1's)
                 out.setdefault(f"{name}_s_steps", []).append(times)
                 out.setdefault(f"{name}_s_per_step", []).append(statistics.median(times[args.warmup - 1: -1]))
                 out.setdefault(f"{name}_s_last_step", []).append(times[-1])
+                if monitor:
+                    first = read_jsonl_rows(Path(run) / "monitor.jsonl")[0]
+                    out.setdefault("store", []).append({k: first.get(k) for k in ("store_dtype", "materialised_gib")})
     out["overhead_per_pair"] = [m / p - 1 for p, m in zip(out["plain_s_per_step"], out["monitor_s_per_step"],
                                                             strict=True)]
     out["overhead"] = statistics.median(out["overhead_per_pair"])

@@ -42,6 +42,8 @@ MONITOR_PARAMS = typer.Option(None, "--monitor-params", help="Parameters the mon
                               "a pattern (default: lora for LoRA runs, else linear).")
 MONITOR_MAX_MEMORY = typer.Option(None, "--monitor-max-memory", help="GiB the monitor holds probe gradients "
                                   "materialised in (default 8; the rest contract in the slower ghost form).")
+MONITOR_DTYPE = typer.Option(None, "--monitor-dtype", help="The monitor's probe store: float32 | bfloat16 | auto "
+                             "(default: the gradients' dtype, bfloat16 where that would not fit its memory).")
 RESUME = typer.Option(False, "--resume", help="Continue the run in --out from its newest complete checkpoint.")
 OVERWRITE = typer.Option(False, "--overwrite", help="Delete the run in --out first.")
 
@@ -90,6 +92,7 @@ def sft(
     monitor_refresh: int | None = MONITOR_REFRESH,
     monitor_params: str | None = MONITOR_PARAMS,
     monitor_max_memory: float | None = MONITOR_MAX_MEMORY,
+    monitor_dtype: str | None = MONITOR_DTYPE,
     resume: bool = RESUME,
     overwrite: bool = OVERWRITE,
 ) -> None:
@@ -105,7 +108,7 @@ def sft(
         eval_every=eval_every, eval_task=eval_task, eval_task_args=eval_task_args,
         eval_data=str(eval_data) if eval_data else None, eval_n=eval_n, probes=str(probes) if probes else None,
         monitor=str(monitor) if monitor else None, monitor_refresh=monitor_refresh, monitor_params=monitor_params,
-        monitor_max_memory=monitor_max_memory,
+        monitor_max_memory=monitor_max_memory, monitor_dtype=monitor_dtype,
         resume=resume or None, overwrite=overwrite or None)
     _print(train_sft(cfg))
 
@@ -144,6 +147,7 @@ def rft(
     monitor_refresh: int | None = MONITOR_REFRESH,
     monitor_params: str | None = MONITOR_PARAMS,
     monitor_max_memory: float | None = MONITOR_MAX_MEMORY,
+    monitor_dtype: str | None = MONITOR_DTYPE,
     resume: bool = RESUME,
     overwrite: bool = OVERWRITE,
 ) -> None:
@@ -160,6 +164,6 @@ def rft(
         optimizer_state=optimizer_state, eval_every=eval_every, eval_n=eval_n,
         eval_data=str(eval_data) if eval_data else None, probes=str(probes) if probes else None,
         monitor=str(monitor) if monitor else None, monitor_refresh=monitor_refresh, monitor_params=monitor_params,
-        monitor_max_memory=monitor_max_memory,
+        monitor_max_memory=monitor_max_memory, monitor_dtype=monitor_dtype,
         resume=resume or None, overwrite=overwrite or None)
     _print(train_rft(cfg))

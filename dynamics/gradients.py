@@ -182,6 +182,13 @@ class ParamGrad:
         return ParamGrad([t.select(index) for t in self.terms], None if self.dense is None else self.dense[index],
                          self.segment)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        if self.dense is not None:
+            return self.dense.dtype
+        t = self.terms[0]
+        return (t.out.dense if t.out.dense is not None else t.inp.dense).dtype
+
     def materialise(self, out: Tensor | None = None) -> Tensor:
         """``(B, n)``: the dense part plus every low-rank term built out (written into ``out`` when given)."""
         if out is not None:

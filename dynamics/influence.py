@@ -292,6 +292,7 @@ class ProbeStore:
     lowrank: dict[str, list[tuple[Tensor, ParamGrad]]] = field(default_factory=dict)
     dense: dict[str, Tensor] = field(default_factory=dict)
     norms_sq: Tensor | None = None
+    dtype: torch.dtype | None = None  # of the materialised matrices; None: that of the gradients
 
     def dense_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.dense.values())
@@ -303,15 +304,16 @@ class ProbeStore:
         out[parts[0][0]] = first
         for idx, pg in parts[1:]:
             out[idx] = pg.materialise()
-        return out
+        return out if self.dtype is None else out.to(self.dtype)
 
 
 def _probe_pass(engine: _GradientPass, probes: Batches, plan: FormPlan, weights: list[Tensor] | None,
-                keep_lowrank: bool = True, logp_out: Tensor | None = None) -> ProbeStore:
-    """Run the probes once and keep their gradients: materialised where planned dense, and (if
-    ``keep_lowrank``) low-rank everywhere so each training batch can still pick the cheaper contraction.
-    ``logp_out`` receives each probe's objective value (its log-likelihood)."""
-    store = ProbeStore(n=len(probes.encoded))
+                keep_lowrank: bool = True, logp_out: Tensor | None = None,
+                dtype: torch.dtype | None = None) -> ProbeStore:
+    """Run the probes once and keep their gradients: materialised where planned dense (in ``dtype``, default the
+    gradients'), and (if ``keep_lowrank``) low-rank everywhere so each training batch can still pick the cheaper
+    contraction. ``logp_out`` receives each probe's objective value (its log-likelihood)."""
+    store = ProbeStore(n=len(probes.encoded), dtype=dtype)
     dev = engine.recorder.device
     norms = torch.zeros(store.n, dtype=torch.float64, device=dev)  # summed on the device, moved once
     for b, (idx, items) in enumerate(probes):
@@ -321,10 +323,11 @@ def _probe_pass(engine: _GradientPass, probes: Batches, plan: FormPlan, weights:
             if plan.dense(name):
                 if name not in store.dense:
                     p = engine.recorder.params[name]  # kept where the training gradients will be
-                    store.dense[name] = p.new_zeros(store.n, p.numel(), dtype=engine.recorder.dtype or p.dtype)
+                    store.dense[name] = p.new_zeros(store.n, p.numel(),
+                                                    dtype=dtype or engine.recorder.dtype or p.dtype)
                 g = pg.materialise()
                 norms[index] += row_sq_norms(g).double()  # (the ghost norm costs T² per sample)
-                store.dense[name][index] = g
+                store.dense[name][index] = g.to(store.dense[name].dtype)
             else:
                 norms[index] += self_inner(pg).double()
             if not plan.dense(name) or (keep_lowrank and pg.terms):
@@ -431,7 +434,7 @@ def _dense_rows(store: ProbeStore, name: str, pg: ParamGrad, delta: Tensor | Non
     S = store.dense[name]
     g = stacked_gradients(pg, delta, S) if g is None else g
     B = g.shape[0] - (delta is not None)
-    prod = rows_inner(g, S).double()
+    prod = rows_inner(g.to(S.dtype), S).double()  # (a store kept in a lower precision than the gradients)
     sq = row_sq_norms(g[:B]).double()
     return prod[:B], sq, None if delta is None else prod[B]
 
@@ -450,9 +453,10 @@ def _ghost_rows(store: ProbeStore, name: str, pg: ParamGrad,
 
 def stacked_gradients(pg: ParamGrad, delta: Tensor | None, like: Tensor) -> Tensor:
     """The batch's materialised gradients ``(B, n)``, and the update Δ as one more last row when given, built in
-    place in one buffer (no copy to stack them), in the dtype and on the device of ``like`` (the stored ``(P, n)``)."""
+    place in one buffer (no copy to stack them), in the gradients' dtype, on the device of ``like`` (the stored
+    ``(P, n)``)."""
     B = pg.dense.shape[0] if pg.dense is not None else pg.terms[0].batch
-    buf = like.new_empty(B + (delta is not None), like.shape[1])
+    buf = like.new_empty(B + (delta is not None), like.shape[1], dtype=pg.dtype)
     if delta is not None:
         buf[-1].copy_(delta.reshape(-1))
     pg.materialise(out=buf[:B])
@@ -489,7 +493,7 @@ def _use_dense(recorder: Recorder, store: ProbeStore, name: str, pg: ParamGrad, 
     ghost = B * ghost_cost(train, probes, P, eb)
     dense = B * dense_cost(train, n, P, B, eb)
     if name not in store.dense:
-        bytes_needed = P * n * (recorder.dtype or recorder.params[name].dtype).itemsize  # the store's dtype
+        bytes_needed = P * n * (store.dtype or recorder.dtype or recorder.params[name].dtype).itemsize  # the store's
         dense += P * (build_cost(probes) + BYTE_COST * n * eb)
         if dense >= ghost or used[0] + bytes_needed > budget:
             return False

@@ -21,7 +21,7 @@ PROBES = [{"id": f"p{i}", "prompt": "q" * (2 * i + 1), "completion": "answer"[: 
 
 
 def _sft(tmp_path, model, params, steps, lr, records=TRAIN, probes=PROBES, batch=4, bf16=False, refresh=1,
-         callbacks=(), monitor=True, accumulate=1, lora_r=0):
+         callbacks=(), monitor=True, accumulate=1, lora_r=0, **monitor_options):
     tmp_path.mkdir(exist_ok=True)
     (tmp_path / "probes.jsonl").write_text("".join(json.dumps(p) + "\n" for p in probes))
     cfg = SFTRunConfig(output_dir=str(tmp_path / "run"), model=model, max_steps=steps,
@@ -32,7 +32,8 @@ def _sft(tmp_path, model, params, steps, lr, records=TRAIN, probes=PROBES, batch
     mon = None
     if monitor:
         mon = InterferenceMonitor(MonitorConfig(probes=str(tmp_path / "probes.jsonl"), refresh=refresh,
-                                                target="gold", params=params), load_model(model), tmp_path / "run",
+                                                target="gold", params=params, **monitor_options), load_model(model),
+                                  tmp_path / "run",
                                   records=records)
         mon.attach(trainer)
     for cb in callbacks:
@@ -71,6 +72,51 @@ def test_monitor_under_bf16_contracts_in_bf16_within_its_error(tmp_path):
     assert not np.array_equal(got, expected)  # a bf16 computation, not a copy of the fp32 one
     assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 0.02
     assert np.corrcoef(got.ravel(), expected.ravel())[0, 1] > 0.99
+
+
+@pytest.mark.parametrize("dtype", ["auto", "float32"])
+def test_fp32_run_whose_store_fits_its_budget_only_in_bf16(tmp_path, dtype):
+    """fp32 training, with a memory budget that holds the whole probe store in bf16 but not in fp32: ``auto`` keeps
+    the store in bf16 (every layer materialised; kernels within bf16's error of the fp32 influence kernel),
+    ``float32`` keeps fp32 (the rest in the exact ghost form). Either way the weight gradients the monitor forms
+    are autograd's, in fp32."""
+    import torch
+    from transformers import TrainerCallback
+
+    grads = {}
+
+    class Grads(TrainerCallback):
+        def __init__(self, key):
+            self.key = key
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            grads.setdefault(self.key, []).append(
+                {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+
+    full = _sft_with_monitor(tmp_path / "full", "tiny-llama", "linear", steps=1, lr=1e-3, dtype="float32")
+    full_gib = full[0]["materialised_gib"]
+    assert full[0]["store_dtype"] == "float32" and full_gib > 0
+    kw = {"steps": 2, "lr": 1e-2, "refresh": 100, "dtype": dtype, "max_memory_gb": 0.75 * full_gib}
+    _sft(tmp_path / "plain", "tiny-llama", "linear", callbacks=[Grads("plain")], monitor=False, **kw)
+    mon = _sft(tmp_path / "mon", "tiny-llama", "linear", callbacks=[Grads("mon")], **kw)
+    rows = read_jsonl_rows(tmp_path / "mon" / "run" / "monitor.jsonl")
+    by_id = {r["id"]: r for r in TRAIN}
+    df = compute(load_model("tiny-llama"), [by_id[i] for i in rows[1]["samples"]], PROBES,
+                 InfluenceConfig(target="gold"))
+    expected = df["kernel"].to_numpy().reshape(len(rows[1]["samples"]), len(PROBES))
+    got = np.array(rows[1]["kernel"])
+    if dtype == "auto":
+        assert rows[0]["store_dtype"] == "bfloat16"
+        assert rows[0]["materialised_gib"] == pytest.approx(full_gib / 2, rel=1e-3)  # the whole store, in bf16
+        assert not np.array_equal(got, expected)
+        assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 0.02
+    else:
+        assert rows[0]["store_dtype"] == "float32" and rows[0]["materialised_gib"] < 0.75 * full_gib
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    assert mon.owned
+    for plain, got_grads in zip(grads["plain"], grads["mon"], strict=True):
+        for n in plain:
+            torch.testing.assert_close(got_grads[n], plain[n], rtol=1e-5, atol=1e-6 * plain[n].abs().max().item())
 
 
 def test_predicted_change_follows_measured_on_default_model(tmp_path):
@@ -285,3 +331,13 @@ def test_train_command_runs_the_monitor(cli, tmp_path, extra):
     if "--monitor-max-memory" in extra or not extra:  # (LoRA's small factors are cheaper to contract in ghost form)
         assert (rows[0]["materialised_gib"] == 0) == bool(extra)
     # (forecast accuracy is checked at a small SGD step in test_predicted_change_follows_measured_on_default_model)
+
+
+def test_bad_monitor_dtype_is_one_line(cli, tmp_path):
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TRAIN))
+    (tmp_path / "probes.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PROBES))
+    r = cli("train", "sft", "--model", "tiny-llama", "--data", str(tmp_path / "train.jsonl"), "--max-steps", "1",
+            "--monitor", str(tmp_path / "probes.jsonl"), "--monitor-dtype", "fp8", "--out", str(tmp_path / "run"))
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "--monitor-dtype must be auto, float32 or bfloat16, got 'fp8'" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +40,7 @@ import torch
 from transformers import TrainerCallback
 
 from dynamics.errors import DynamicsError
-from dynamics.gradients import Layout, ParamGrad, output_head, owns_weight_grad
+from dynamics.gradients import FormPlan, Layout, ParamGrad, output_head, owns_weight_grad
 from dynamics.influence import (
     Batches,
     InfluenceConfig,
@@ -68,8 +70,11 @@ class MonitorConfig:
     top: int = 3
     batch_size: int = 8
     # the probe store's materialised part (the rest stays in ghost form, 2-3x slower to contract):
-    # 32 probes of the default model need 6.8 GiB in bf16 (13.6 in fp32) to be materialised in full
+    # 32 probes of the default model need 6.3 GiB in bf16 (12.7 in fp32) to be materialised in full
     max_memory_gb: float | None = 8.0
+    # the materialised store's dtype: float32 | bfloat16 | auto (the gradients' own, unless in it the budget
+    # would leave layers in ghost form that the planner wants materialised: then bfloat16)
+    dtype: str = "auto"
 
     def influence_config(self) -> InfluenceConfig:
         cfg = InfluenceConfig(params=self.params, target=self.target, tokens=self.tokens,
@@ -79,6 +84,9 @@ class MonitorConfig:
             raise DynamicsError("--monitor-refresh must be >= 1", field="monitor_refresh")
         if self.max_memory_gb is not None and self.max_memory_gb < 0:
             raise DynamicsError("--monitor-max-memory must be >= 0 GiB", field="monitor_max_memory")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise DynamicsError(f"--monitor-dtype must be auto, float32 or bfloat16, got {self.dtype!r}",
+                                field="monitor_dtype")
         return cfg
 
 
@@ -164,7 +172,7 @@ class InterferenceMonitor(TrainerCallback):
         lm = LoadedModel(model=model, tokenizer=self.lm.tokenizer, kind=self.lm.kind, name=self.lm.name,
                          processor=self.lm.processor)
         self.engine = _GradientPass(lm, self.icfg)
-        self.engine.recorder.dtype = self.dtype = product_dtype(self.trainer.args if self.trainer else None, model)
+        self.engine.recorder.dtype = product_dtype(self.trainer.args if self.trainer else None, model)
         was_training = model.training
         model.eval()
         try:
@@ -176,17 +184,36 @@ class InterferenceMonitor(TrainerCallback):
             # the plan leaves in ghost form is materialised by the first batch it pays off for, and owned from then)
             train_len, train_completion = (np.mean(self.train_lens, axis=0) if self.train_lens
                                            else (batches.mean_len(), batches.mean_len(True)))
-            plan = plan_forms(self.engine.recorder, len(enc), batches.mean_len(), float(train_len),
-                              (batches.mean_len(True), float(train_completion)), self.budget,
-                              element_bytes=self.dtype.itemsize, batch_size=self.trainer.args.per_device_train_batch_size
-                              if self.trainer is not None else self.icfg.batch_size, free_build=self.ownable)
+            def plan(dtype: torch.dtype, budget: float) -> FormPlan:
+                return plan_forms(self.engine.recorder, len(enc), batches.mean_len(), float(train_len),
+                                  (batches.mean_len(True), float(train_completion)), budget,
+                                  element_bytes=dtype.itemsize, free_build=self.ownable,
+                                  batch_size=self.trainer.args.per_device_train_batch_size if self.trainer is not None
+                                  else self.icfg.batch_size)
+
+            self.dtype, forms = self._store_plan(self.engine.recorder.dtype, plan)
             logp = torch.zeros(len(enc), dtype=torch.float64)
-            self.store = _probe_pass(self.engine, batches, plan, None, logp_out=logp)
+            self.store = _probe_pass(self.engine, batches, forms, None, logp_out=logp, dtype=self.dtype)
         finally:
             model.train(was_training)
         self.used = [self.store.dense_bytes()]
         return {"measured_logp": float(logp.mean()), "measured_logp_per_probe": logp.tolist(),
-                "refreshed": True, "materialised_gib": round(self.used[0] / 2**30, 4)}
+                "refreshed": True, "materialised_gib": round(self.used[0] / 2**30, 4),
+                "store_dtype": str(self.dtype).removeprefix("torch.")}
+
+    def _store_plan(self, grads: torch.dtype, plan: Callable[[torch.dtype, float], FormPlan]
+                    ) -> tuple[torch.dtype, FormPlan]:
+        """The materialised store's dtype and plan. ``auto``: the gradients' dtype, unless in it the memory budget
+        leaves in ghost form layers the planner would materialise: then bf16, which holds twice as many. Its products
+        carry bf16's rounding (0.3% relative kernel error, docs/numerics.md), where the ghost form is exact but
+        contracts 2-3x slower; the weight gradients the monitor forms stay in the gradients' dtype."""
+        dtype = grads if self.config.dtype == "auto" else getattr(torch, self.config.dtype)
+        forms = plan(dtype, self.budget)
+        if self.config.dtype == "auto" and dtype.itemsize > 2 and plan(dtype, math.inf).dense_bytes > forms.dense_bytes:
+            half = plan(torch.bfloat16, self.budget)
+            if half.dense_bytes / 2 > forms.dense_bytes / dtype.itemsize:  # more of the store held materialised
+                return torch.bfloat16, half
+        return dtype, forms
 
     def _ownable(self, model: torch.nn.Module) -> set[str]:
         """Weights whose gradient the monitor forms itself, as Σ_u ∇L_u of the per-sample gradients it
@@ -347,10 +374,11 @@ class InterferenceMonitor(TrainerCallback):
 
 
 def product_dtype(args: Any, model: torch.nn.Module) -> torch.dtype:
-    """The dtype the monitor stores probe gradients and contracts in: the trainer's compute precision (bf16
-    under ``--bf16``, as the trainer's own weight gradients are; otherwise the weights' dtype, at least fp32).
-    bf16 halves the store and doubles the speed of the contraction, at a kernel error (0.3% relative on the test
-    model, docs/numerics.md) below that of the bf16 training step it forecasts."""
+    """The dtype the monitor takes per-sample gradients in (and, unless its memory budget asks for bf16, stores
+    probe gradients and contracts in): the trainer's compute precision (bf16 under ``--bf16``, as the trainer's own
+    weight gradients are; otherwise the weights' dtype, at least fp32). bf16 halves the store and doubles the speed
+    of the contraction, at a kernel error (0.3% relative on the test model, docs/numerics.md) below that of the
+    bf16 training step it forecasts."""
     if getattr(args, "bf16", False):
         return torch.bfloat16
     dtype = next(model.parameters()).dtype
@@ -372,7 +400,8 @@ def attach_monitor(trainer: Any, config: Any, lm: LoadedModel, records: list[dic
     if not config.monitor:
         return
     params = config.monitor_params or ("lora" if (config.lora_r or lm.is_peft) else "linear")
-    mc = MonitorConfig(probes=config.monitor, refresh=config.monitor_refresh, params=params)
+    mc = MonitorConfig(probes=config.monitor, refresh=config.monitor_refresh, params=params,
+                       dtype=config.monitor_dtype)
     if config.monitor_max_memory is not None:
         mc.max_memory_gb = config.monitor_max_memory
     InterferenceMonitor(mc, lm, config.output_dir, records=records).attach(trainer)
