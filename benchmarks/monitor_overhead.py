@@ -23,10 +23,10 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.train_steps import step_times
-from dynamics.store import read_jsonl_rows
 from dynamics.data import write_records
 from dynamics.probes import text_suite
 from dynamics.runtime import tune_cpu_allocator
+from dynamics.store import read_jsonl_rows
 from dynamics.tasks import get_task
 from dynamics.train.run import load_config
 from dynamics.train.sft import SFTRunConfig, train_sft
