@@ -9,7 +9,7 @@ def tune_cpu_allocator() -> bool:
     free and reallocate the same tensors every step (activations, a head's logits tiles, per-sample gradients);
     by default glibc maps every block over a few MB afresh (over 32 MB it always does) and the kernel faults in and
     zero-fills its pages again: 1.1-1.3 million page faults and 2-3 s of system time per SFT step of the default
-    model, twice that with the monitor's 6.8 GiB probe store resident. With every block served from the heap
+    model, twice that with the monitor's 6.3 GiB probe store resident. With every block served from the heap
     (``M_MMAP_MAX`` 0), which is never trimmed, a warm step takes none: a plain SFT step went from 7.9-8.6 s to
     6.8-7.0 s (two separate processes, one before the change and one after, so noisy; the monitor's gain,
     measured in one process, is in benchmarks/RESULTS.md). The cost: the process keeps its
