@@ -14,7 +14,7 @@ from PIL import Image
 
 from dynamics import influence
 from dynamics.errors import DynamicsError
-from dynamics.gradients import rows_inner, stacked_inner
+from dynamics.gradients import ROW_CHUNK, row_sq_norms, rows_inner, stacked_inner
 from dynamics.influence import InfluenceConfig, compute, one_step, per_token_kernel
 from dynamics.models import load_model
 
@@ -112,6 +112,16 @@ def test_long_rows_product_in_chunks_equals_the_plain_product(monkeypatch, dtype
     rows_inner(a[:, :4096], b[:, :4096])
     rows_inner(a.bfloat16(), b.bfloat16())
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize(("dtype", "rtol"), [(torch.float64, 1e-12), (torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+def test_row_norms_in_chunks_equal_the_whole_rows(dtype, rtol):
+    """``row_sq_norms`` sums squares over column chunks (and a remainder) on the CPU: ‖m[b]‖² to the dtype's
+    rounding, accumulated in fp32 for bf16."""
+    m = torch.randn(5, 3 * ROW_CHUNK + 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    got = row_sq_norms(m.to(dtype))
+    assert got.dtype == (torch.float32 if dtype == torch.bfloat16 else dtype)
+    torch.testing.assert_close(got.double(), (m.to(dtype).double() ** 2).sum(-1), rtol=rtol, atol=0)
 
 
 def test_gradient_passes_leave_out_cudnn_attention(tiny64):
