@@ -47,6 +47,35 @@ def _sft_with_monitor(tmp_path, *args, **kwargs):
     return read_jsonl_rows(tmp_path / "run" / "monitor.jsonl")
 
 
+def _grads_with_and_without_monitor(tmp_path, params="linear", **kw):
+    """Every gradient the optimizer sees, per step, in the same SFT run without and with the monitor."""
+    from transformers import TrainerCallback
+
+    grads = {"plain": [], "mon": []}
+
+    class Grads(TrainerCallback):
+        def __init__(self, key):
+            self.key = key
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            grads[self.key].append(
+                {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+
+    _sft(tmp_path / "plain", "tiny-llama", params, callbacks=[Grads("plain")], monitor=False, **kw)
+    mon = _sft(tmp_path / "mon", "tiny-llama", params, callbacks=[Grads("mon")], **kw)
+    return grads["plain"], grads["mon"], mon
+
+
+def _assert_same_grads(plain, mon, atol=1e-7):
+    """Equal per parameter and step within fp32 rounding (``atol`` relative to the largest entry)."""
+    import torch
+
+    for a, b in zip(plain, mon, strict=True):
+        assert a.keys() == b.keys()
+        for n in a:
+            torch.testing.assert_close(b[n], a[n], rtol=1e-5, atol=atol * a[n].abs().max().item())
+
+
 def test_monitor_kernels_equal_influence(tmp_path):
     rows = _sft_with_monitor(tmp_path, "tiny-llama", "linear", steps=2, lr=1e-3)
     assert rows[0]["step"] == 0 and "measured_logp" in rows[0]
@@ -80,25 +109,12 @@ def test_fp32_run_whose_store_fits_its_budget_only_in_bf16(tmp_path, dtype):
     the store in bf16 (every layer materialised; kernels within bf16's error of the fp32 influence kernel),
     ``float32`` keeps fp32 (the rest in the exact ghost form). Either way the weight gradients the monitor forms
     are autograd's, in fp32."""
-    import torch
-    from transformers import TrainerCallback
-
-    grads = {}
-
-    class Grads(TrainerCallback):
-        def __init__(self, key):
-            self.key = key
-
-        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-            grads.setdefault(self.key, []).append(
-                {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
 
     full = _sft_with_monitor(tmp_path / "full", "tiny-llama", "linear", steps=1, lr=1e-3, dtype="float32")
     full_gib = full[0]["materialised_gib"]
     assert full[0]["store_dtype"] == "float32" and full_gib > 0
-    kw = {"steps": 2, "lr": 1e-2, "refresh": 100, "dtype": dtype, "max_memory_gb": 0.75 * full_gib}
-    _sft(tmp_path / "plain", "tiny-llama", "linear", callbacks=[Grads("plain")], monitor=False, **kw)
-    mon = _sft(tmp_path / "mon", "tiny-llama", "linear", callbacks=[Grads("mon")], **kw)
+    plain, grads, mon = _grads_with_and_without_monitor(tmp_path, steps=2, lr=1e-2, refresh=100, dtype=dtype,
+                                                        max_memory_gb=0.75 * full_gib)
     rows = read_jsonl_rows(tmp_path / "mon" / "run" / "monitor.jsonl")
     by_id = {r["id"]: r for r in TRAIN}
     df = compute(load_model("tiny-llama"), [by_id[i] for i in rows[1]["samples"]], PROBES,
@@ -114,9 +130,7 @@ def test_fp32_run_whose_store_fits_its_budget_only_in_bf16(tmp_path, dtype):
         assert rows[0]["store_dtype"] == "float32" and rows[0]["materialised_gib"] < 0.75 * full_gib
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
     assert mon.owned
-    for plain, got_grads in zip(grads["plain"], grads["mon"], strict=True):
-        for n in plain:
-            torch.testing.assert_close(got_grads[n], plain[n], rtol=1e-5, atol=1e-6 * plain[n].abs().max().item())
+    _assert_same_grads(plain, grads, atol=1e-6)
 
 
 def test_predicted_change_follows_measured_on_default_model(tmp_path):
@@ -176,32 +190,18 @@ def test_monitor_forms_the_weight_gradients_autograd_would(tmp_path, case):
     """The linear weights the monitor materialises per sample get their gradient from it (Σ_u ∇L_u; autograd
     skips their weight GEMM): every gradient the optimizer sees equals that of the same run without the monitor
     (with gradient accumulation, on a LoRA adapter; under bf16 autocast within bf16 rounding)."""
-    import torch
-    from transformers import TrainerCallback
 
-    grads = {}
-
-    class Grads(TrainerCallback):
-        def __init__(self, key):
-            self.key = key
-
-        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-            grads.setdefault(self.key, []).append(
-                {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
-
-    kw = {"steps": 2, "lr": 1e-2, "batch": 2, **case}
     params = "lora" if "lora_r" in case else "linear"
-    _sft(tmp_path / "plain", "tiny-llama", params, callbacks=[Grads("plain")], monitor=False, **kw)
-    mon = _sft(tmp_path / "mon", "tiny-llama", params, callbacks=[Grads("mon")], **kw)
+    plain, grads, mon = _grads_with_and_without_monitor(tmp_path, params, steps=2, lr=1e-2, batch=2, **case)
     assert len(mon.owned) >= (2 * 2 * 7 if params == "lora" else 2 * 7)  # every linear layer of both blocks
-    assert set(mon.owned) <= set(grads["mon"][0])
-    for plain, got in zip(grads["plain"], grads["mon"], strict=True):
-        assert plain.keys() == got.keys()
-        for n in plain:
-            if case.get("bf16"):
-                assert (got[n] - plain[n]).norm() <= 0.02 * plain[n].norm(), n
-            else:
-                torch.testing.assert_close(got[n], plain[n], rtol=1e-5, atol=1e-7 * plain[n].abs().max().item())
+    assert set(mon.owned) <= set(grads[0])
+    if not case.get("bf16"):
+        _assert_same_grads(plain, grads)
+        return
+    for a, b in zip(plain, grads, strict=True):
+        assert a.keys() == b.keys()
+        for n in a:
+            assert (b[n] - a[n]).norm() <= 0.02 * a[n].norm(), n
 
 
 def test_layers_materialised_during_training_are_owned_from_the_next_step(tmp_path, monkeypatch):
@@ -209,8 +209,6 @@ def test_layers_materialised_during_training_are_owned_from_the_next_step(tmp_pa
     then): a batch that the materialised contraction pays off for materialises a layer, and from the next step on
     the monitor forms that layer's weight gradient, so autograd does not form it a second time. Every gradient
     still equals that of the run without the monitor."""
-    import torch
-    from transformers import TrainerCallback
 
     import dynamics.train.monitor as monitor
     from dynamics.gradients import FormPlan
@@ -223,25 +221,11 @@ def test_layers_materialised_during_training_are_owned_from_the_next_step(tmp_pa
         owned.append(set(self.owned))
 
     monkeypatch.setattr(monitor.InterferenceMonitor, "on_step_begin", spy)
-    grads = {}
-
-    class Grads(TrainerCallback):
-        def __init__(self, key):
-            self.key = key
-
-        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-            grads.setdefault(self.key, []).append(
-                {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
-
     long_rows = [{**r, "prompt": [{"role": "user", "content": "abc " * 40}]} for r in TRAIN]
-    kw = {"steps": 3, "lr": 1e-2, "batch": 4, "records": long_rows, "refresh": 100}
-    _sft(tmp_path / "plain", "tiny-llama", "linear", callbacks=[Grads("plain")], monitor=False, **kw)
-    _sft(tmp_path / "mon", "tiny-llama", "linear", callbacks=[Grads("mon")], **kw)
+    plain, grads, _ = _grads_with_and_without_monitor(tmp_path, steps=3, lr=1e-2, batch=4, records=long_rows,
+                                                      refresh=100)
     assert owned[0] == set() and len(owned[1]) >= 2 * 7  # materialised by step 1's batch, owned from step 2
-    for plain, got in zip(grads["plain"], grads["mon"], strict=True):
-        assert plain.keys() == got.keys()
-        for n in plain:
-            torch.testing.assert_close(got[n], plain[n], rtol=1e-5, atol=1e-6 * plain[n].abs().max().item())
+    _assert_same_grads(plain, grads, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
