@@ -191,15 +191,15 @@ class InterferenceMonitor(TrainerCallback):
                                   batch_size=self.trainer.args.per_device_train_batch_size if self.trainer is not None
                                   else self.icfg.batch_size)
 
-            self.dtype, forms = self._store_plan(self.engine.recorder.dtype, plan)
+            dtype, forms = self._store_plan(self.engine.recorder.dtype, plan)
             logp = torch.zeros(len(enc), dtype=torch.float64)
-            self.store = _probe_pass(self.engine, batches, forms, None, logp_out=logp, dtype=self.dtype)
+            self.store = _probe_pass(self.engine, batches, forms, None, logp_out=logp, dtype=dtype)
         finally:
             model.train(was_training)
         self.used = [self.store.dense_bytes()]
         return {"measured_logp": float(logp.mean()), "measured_logp_per_probe": logp.tolist(),
                 "refreshed": True, "materialised_gib": round(self.used[0] / 2**30, 4),
-                "store_dtype": str(self.dtype).removeprefix("torch.")}
+                "store_dtype": str(self.store.dtype).removeprefix("torch.")}
 
     def _store_plan(self, grads: torch.dtype, plan: Callable[[torch.dtype, float], FormPlan]
                     ) -> tuple[torch.dtype, FormPlan]:
