@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from dynamics.errors import DynamicsError
+from dynamics.store import read_parquet
 
 METRICS_COLUMNS = ("step", "loss")  # + lr, grad_norm, reward_mean?, reward_std?, kl?
 METRICS_NUMERIC = ("step", "loss", "lr", "grad_norm", "reward_mean", "reward_std", "kl")
@@ -115,7 +116,7 @@ def read_parquet_table(path: str | os.PathLike, required: tuple[str, ...] = (),
     if not path.is_file():
         raise DynamicsError("file not found", file=path)
     try:
-        df = pd.read_parquet(path)
+        df = read_parquet(path)  # a live run may replace it while we read
     except Exception as e:  # pyarrow raises several types for corrupt files
         raise DynamicsError(f"not a readable parquet file: {str(e).splitlines()[0]}", file=path) from None
     missing = [c for c in required if c not in df.columns]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import platform
@@ -15,7 +16,10 @@ import tempfile
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @contextlib.contextmanager
@@ -59,6 +63,16 @@ def append_jsonl(path: str | os.PathLike, row: dict) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def read_parquet(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a parquet table that a running command may replace at any moment, from one read of its bytes.
+
+    ``pd.read_parquet(path)`` opens the file twice (schema, then data), so a rename in between pairs one
+    file's footer with the other's pages ("Invalid column metadata", "Page was smaller than expected")."""
+    import pandas as pd
+
+    return pd.read_parquet(io.BytesIO(Path(path).read_bytes()))
 
 
 def read_jsonl_rows(path: str | os.PathLike) -> list[dict]:

@@ -18,7 +18,7 @@ import pytest
 from safetensors.torch import load_file
 
 from dynamics.data import write_records
-from dynamics.store import read_jsonl_rows
+from dynamics.store import read_jsonl_rows, read_parquet
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
 
@@ -128,7 +128,7 @@ def test_eval_of_a_run_resumes_after_sigkill_without_reevaluating(tmp_path):
     run_ok(*args, "--out", str(tmp_path / "ref"))
     out = tmp_path / "cut"
     start_and_kill([*args, "--out", str(out)], out, "eval.parquet", signal.SIGKILL, seed=2,
-                   ready=lambda found: pd.read_parquet(out / "eval.parquet")["step"].nunique() >= 2)
+                   ready=lambda found: read_parquet(out / "eval.parquet")["step"].nunique() >= 2)
     finished = sorted(set(pd.read_parquet(out / "eval.parquet")["step"]))
     assert 2 <= len(finished) < 6
     # a finished checkpoint past the first (which eval loads anyway, to pick the default probe suite) cannot

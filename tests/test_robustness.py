@@ -296,3 +296,35 @@ def test_analyses_reader_names_the_line_of_unreadable_json(tmp_path, text):
     path.write_text(text + '\n{"step": 1}\n')
     with pytest.raises(DynamicsError, match=r"metrics\.jsonl:1: unreadable JSON"):
         read_jsonl_table(path, ("step",))
+
+
+def test_read_parquet_while_another_writer_replaces_the_file(tmp_path):
+    """A live run rewrites eval.parquet (atomically) while a reader polls it; every read returns one whole
+    table. ``pd.read_parquet(path)`` opens the file twice and failed ~half of such reads (CI saw "Page was
+    smaller (6) than expected (13)")."""
+    import threading
+
+    import numpy as np
+    import pandas as pd
+
+    from dynamics.store import atomic_path, read_parquet
+
+    tables = [pd.DataFrame({"step": np.arange(n) % 7, "x": np.arange(n) / 3}) for n in (10, 3000)]
+    path, stop = tmp_path / "eval.parquet", threading.Event()
+    tables[0].to_parquet(path, index=False)
+
+    def rewrite() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            with atomic_path(path) as tmp:
+                tables[i % 2].to_parquet(tmp, index=False)
+
+    writer = threading.Thread(target=rewrite)
+    writer.start()
+    try:
+        seen = {len(read_parquet(path)) for _ in range(400)}
+    finally:
+        stop.set()
+        writer.join()
+    assert seen <= {10, 3000} and len(seen) == 2, seen  # both tables were read, each whole
