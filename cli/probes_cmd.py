@@ -20,7 +20,7 @@ def build(
                                       help="Keep only the items the model answers correctly."),
     limit: int | None = typer.Option(None, "--limit", help="Score only the first N items."),
     max_new_tokens: int = typer.Option(48, "--max-new-tokens", help="Response length budget."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Generation batch size."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Generation batch size."),
 ) -> None:
     """Store the model's greedy response (meta.base_response) with each item; print accuracy and log p."""
     from dynamics.probes import ProbeBuildConfig, build_probes

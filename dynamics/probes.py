@@ -213,7 +213,7 @@ def completion_logprobs(
     lm: LoadedModel,
     records: Sequence[dict],
     completions: Sequence[list[dict] | str] | None = None,
-    batch_size: int = 8,
+    batch_size: int = 32,
 ) -> pd.DataFrame:
     """``id, logp_sum, logp_mean, n_tokens`` of each record's completion (or of ``completions[i]``):
     ``logp_sum = sum_{t in completion} log softmax(logits_{t-1})[x_t]`` over the project's tokenization (the
@@ -251,8 +251,8 @@ def score_probes(
     probes: Sequence[dict],
     *,
     max_new_tokens: int = 48,
-    batch_size: int = 16,
-    logp_batch_size: int = 8,
+    batch_size: int = 64,
+    logp_batch_size: int = 32,
     progress: bool = True,
 ) -> pd.DataFrame:
     """One row per probe: ``id, category, correct, response, logp_sum, logp_mean, n_tokens`` and, for probes
@@ -294,7 +294,7 @@ class ProbeBuildConfig:
     suite: str | None = None  # text | visual | a records file; None: text for LMs, visual for VLMs
     keep_correct: bool = False
     max_new_tokens: int = 48
-    batch_size: int = 16
+    batch_size: int = 64  # generation: 64 short prompts a batch took 0.66x the time of 16 on 2 CPU cores
     limit: int | None = None  # score only the first N items (quick looks)
     progress: bool = True
 
