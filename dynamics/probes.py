@@ -294,7 +294,7 @@ class ProbeBuildConfig:
     suite: str | None = None  # text | visual | a records file; None: text for LMs, visual for VLMs
     keep_correct: bool = False
     max_new_tokens: int = 48
-    batch_size: int = 64  # generation: 64 short prompts a batch took 0.66x the time of 16 on 2 CPU cores
+    batch_size: int = 64  # generation: 64 short prompts a batch took 0.67x the time of 16 on 2 CPU cores
     limit: int | None = None  # score only the first N items (quick looks)
     progress: bool = True
 

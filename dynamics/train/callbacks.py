@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 
 from dynamics.errors import DynamicsError
 from dynamics.models import LoadedModel
-from dynamics.store import append_jsonl, atomic_path, read_jsonl_rows, write_json
+from dynamics.store import append_jsonl, atomic_path, read_jsonl_rows, read_parquet, write_json
 from dynamics.train.schedules import checkpoint_steps
 
 # TRL's log keys -> the run folder's column names (DESIGN.md: metrics.jsonl)
@@ -181,15 +181,13 @@ class EvalCallback(TrainerCallback):
 
     def reuse_base(self) -> bool:
         """Copy the step-0 evaluation of ``base_from`` (same model and inputs, by ``eval.inputs.json``)."""
-        import pandas as pd
-
         src = self.base_from
         if src is None or not (src / "eval.inputs.json").is_file() or not (src / "eval.parquet").is_file():
             return False
         if json.loads((src / "eval.inputs.json").read_text()).get("key") != self.inputs_key:
             return False
         rows = [r for r in read_jsonl_rows(src / "eval.jsonl") if r.get("step") == 0]
-        items = pd.read_parquet(src / "eval.parquet")
+        items = read_parquet(src / "eval.parquet")  # that run may still be writing it
         items = items[items["step"] == 0].assign(model=self.name)
         if not rows or items.empty:
             return False
