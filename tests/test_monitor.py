@@ -66,8 +66,9 @@ def _grads_with_and_without_monitor(tmp_path, params="linear", **kw):
     return grads["plain"], grads["mon"], mon
 
 
-def _assert_same_grads(plain, mon, atol=1e-7):
-    """Equal per parameter and step within fp32 rounding (``atol`` relative to the largest entry)."""
+def _assert_same_grads(plain, mon, atol=1e-6):
+    """Equal per parameter and step within fp32 rounding (``atol`` relative to the largest entry: a few ulps of it,
+    since the monitor sums the per-sample gradients in another order than autograd's GEMM)."""
     import torch
 
     for a, b in zip(plain, mon, strict=True):
@@ -130,7 +131,7 @@ def test_fp32_run_whose_store_fits_its_budget_only_in_bf16(tmp_path, dtype):
         assert rows[0]["store_dtype"] == "float32" and rows[0]["materialised_gib"] < 0.75 * full_gib
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
     assert mon.owned
-    _assert_same_grads(plain, grads, atol=1e-6)
+    _assert_same_grads(plain, grads)
 
 
 def test_predicted_change_follows_measured_on_default_model(tmp_path):
@@ -225,7 +226,7 @@ def test_layers_materialised_during_training_are_owned_from_the_next_step(tmp_pa
     plain, grads, _ = _grads_with_and_without_monitor(tmp_path, steps=3, lr=1e-2, batch=4, records=long_rows,
                                                       refresh=100)
     assert owned[0] == set() and len(owned[1]) >= 2 * 7  # materialised by step 1's batch, owned from step 2
-    _assert_same_grads(plain, grads, atol=1e-6)
+    _assert_same_grads(plain, grads)
 
 
 @pytest.fixture(scope="module")
