@@ -19,6 +19,7 @@ Writes the JSON (every measurement), ``benchmarks/RESULTS.md`` (ratio tables, ta
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import json
 import os
@@ -144,6 +145,10 @@ def worker(method: Method, case: Case, records: Path, out: Path) -> None:
     lm = bench_model(case.model, case.dtype, case.device)
     inputs = Inputs.of(lm, read_records(records / "train.jsonl"), read_records(records / "probes.jsonl"))
     standard_forward_backward(lm, inputs.train_records[:1], 1)  # first kernels of the process: not timed
+    # a full collection scans every object of the process (0.2 s with transformers loaded): freeze what is here
+    # so that one does not land in a 40-ms call of one method and not in another's
+    gc.collect()
+    gc.freeze()
     cuda = case.device.startswith("cuda")
     if cuda:
         torch.cuda.synchronize()
