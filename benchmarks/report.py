@@ -161,6 +161,10 @@ def targets(rows: list[dict]) -> list[str]:
 HAND_MARK = "<!-- written by hand below: kept when the tables above are regenerated -->"
 
 
+def _where(machine: dict) -> str:
+    return f"{machine.get('gpu', machine['cpu'])}, transformers {machine['transformers']}"
+
+
 def write_results(reports: list[dict], path: Path, figure: Path) -> None:
     """RESULTS.md from one or more runs (their rows merged; each run's command listed); whatever follows
     :data:`HAND_MARK` in the existing file is kept after the new tables."""
@@ -169,7 +173,9 @@ def write_results(reports: list[dict], path: Path, figure: Path) -> None:
     rows = [r for rep in reports for r in rep["rows"]]
     report = reports[-1]
     mach = report["machine"]
-    runs = [f"    {rep['command']}    # {rep['minutes']:.0f} min" for rep in reports]
+    where = {_where(rep["machine"]) for rep in reports}
+    runs = [f"    {rep['command']}    # {rep['minutes']:.0f} min" + (f", {_where(rep['machine'])}" if len(where) > 1 else "")
+            for rep in reports]
     out = ["# Influence benchmark: dynamics against the tools people would use instead", "",
            "Produced by" + (" these runs (rows merged; each case's methods ran in one run on the same inputs)"
                             if len(reports) > 1 else ""), "", *runs, "",
@@ -177,10 +183,12 @@ def write_results(reports: list[dict], path: Path, figure: Path) -> None:
            f"{mach['ram_gb']} GiB RAM{', shared with other jobs: load average ' + str(mach.get('load_avg', '?')) + ' when the run ended' if 'gpu' not in mach else ''}), Python "
            f"{mach['python']}, torch {mach['torch']}, transformers {mach['transformers']}, opacus {mach['opacus']}, "
            f"bergson {mach['bergson']}, kronfluence {mach['kronfluence']}; first run started "
-           f"{reports[0]['started']}.", "",
+           f"{reports[0]['started']}" + (" (the machine of the last run; each run's is named beside it)"
+                                         if len(where) > 1 else "") + ".", "",
            "Every method computes the train × probe kernel K[u, o] = ⟨g(u), g(o)⟩ (g: gradient of the summed "
            "completion log-likelihood) from the same encoded samples, in its own fresh subprocess after one "
-           "untimed forward+backward on one sample. Time is that call's wall clock; memory is the subprocess's peak RSS above its RSS "
+           "untimed forward+backward on one sample and a garbage collection whose survivors are then frozen (so that a "
+           "full collection, 0.2 s with transformers loaded, does not land in one method's call at random). Time is that call's wall clock; memory is the subprocess's peak RSS above its RSS "
            "before the call (on CUDA: peak allocated GPU memory). Scopes: `linear` = every nn.Linear weight as "
            "used by its module (the tied output head as a head), `all` = every parameter, `body` = the linear "
            "layers of `model.base_model` (what bergson hooks). Each peer is compared with dynamics on its own "

@@ -84,6 +84,14 @@ def test_benchmark_run_in_subprocesses_agrees_with_naive(tmp_path):
     text = results.read_text()
     assert "old tables" not in text and "| dynamics exact linear |" in text
     assert text.endswith(f"{HAND_MARK}\n## Notes\nby hand\n")
+    # runs merged from two machines: each command names its own
+    other = {**machine(), "cpu": "Another CPU"}
+    write_results([{"machine": machine(), "command": "cmd-a", "started": "now", "minutes": 1.0, "rows": rows},
+                   {"machine": other, "command": "cmd-b", "started": "later", "minutes": 2.0, "rows": []}],
+                  results, tmp_path / "fig.png")
+    lines = results.read_text().splitlines()
+    assert any("cmd-a" in x and machine()["cpu"] in x for x in lines)
+    assert any("cmd-b" in x and "Another CPU" in x for x in lines)
 
 
 def test_projection_error_over_draws(tmp_path, monkeypatch):
