@@ -179,12 +179,13 @@ def write_results(reports: list[dict], path: Path, figure: Path) -> None:
     out = ["# Influence benchmark: dynamics against the tools people would use instead", "",
            "Produced by" + (" these runs (rows merged; each case's methods ran in one run on the same inputs)"
                             if len(reports) > 1 else ""), "", *runs, "",
-           f"on {mach.get('gpu', mach['cpu'])} ({mach['cores']} cores, {mach['torch_threads']} torch threads, "
+           ("last run " if len(where) > 1 else "")
+           + f"on {mach.get('gpu', mach['cpu'])} ({mach['cores']} cores, {mach['torch_threads']} torch threads, "
            f"{mach['ram_gb']} GiB RAM{', shared with other jobs: load average ' + str(mach.get('load_avg', '?')) + ' when the run ended' if 'gpu' not in mach else ''}), Python "
            f"{mach['python']}, torch {mach['torch']}, transformers {mach['transformers']}, opacus {mach['opacus']}, "
            f"bergson {mach['bergson']}, kronfluence {mach['kronfluence']}; first run started "
-           f"{reports[0]['started']}" + (" (the machine of the last run; each run's is named beside it)"
-                                         if len(where) > 1 else "") + ".", "",
+           f"{reports[0]['started']}" + ("; each run's machine is named beside its command" if len(where) > 1
+                                         else "") + ".", "",
            "Every method computes the train × probe kernel K[u, o] = ⟨g(u), g(o)⟩ (g: gradient of the summed "
            "completion log-likelihood) from the same encoded samples, in its own fresh subprocess after one "
            "untimed forward+backward on one sample and a garbage collection whose survivors are then frozen (so that a "
