@@ -63,6 +63,8 @@ METHODS = [
            kwargs={"products": "model"}, variant=True),  # a bf16 model's products and store in bf16
     Method("dynamics exact linear per-layer", "benchmarks.methods:dynamics_exact", "linear", "exact",
            kwargs={"group_bytes": 1}, variant=True),  # ghost layers contracted one at a time, not in shape groups
+    Method("dynamics exact linear cudnn", "benchmarks.methods:dynamics_exact", "linear", "exact",
+           kwargs={"cudnn_attention": True}, variant=True),  # attention as torch picks it (cuDNN on Hopper GPUs)
     Method("dynamics exact all", "benchmarks.methods:dynamics_exact", "all", "exact"),
     Method("dynamics exact body", "benchmarks.methods:dynamics_exact", "body", "exact"),
     Method("dynamics projected kron", "benchmarks.methods:dynamics_projected", "body", "projected",
@@ -100,6 +102,7 @@ class Case:
     device: str = "cpu"
     dtype: str = "float32"
     sweep: str = ""
+    warm: bool = False  # time a method's second call in its process (one-time costs, e.g. kernel builds, left out)
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -145,6 +148,9 @@ def worker(method: Method, case: Case, records: Path, out: Path) -> None:
     lm = bench_model(case.model, case.dtype, case.device)
     inputs = Inputs.of(lm, read_records(records / "train.jsonl"), read_records(records / "probes.jsonl"))
     standard_forward_backward(lm, inputs.train_records[:1], 1)  # first kernels of the process: not timed
+    kwargs = {"scope": method.scope, "batch_size": case.batch_size, "device": case.device, **method.kwargs}
+    if case.warm:
+        fn(lm, inputs, **kwargs)
     # a full collection scans every object of the process (0.2 s with transformers loaded): freeze what is here
     # so that one does not land in a 40-ms call of one method and not in another's
     gc.collect()
@@ -155,7 +161,7 @@ def worker(method: Method, case: Case, records: Path, out: Path) -> None:
         torch.cuda.reset_peak_memory_stats()
     base = rss_mb()
     t0 = time.perf_counter()
-    K = fn(lm, inputs, scope=method.scope, batch_size=case.batch_size, device=case.device, **method.kwargs)
+    K = fn(lm, inputs, **kwargs)
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
@@ -289,7 +295,8 @@ def machine() -> dict:
 
 def cases(args: argparse.Namespace) -> list[Case]:
     out = []
-    common = {"n_probes": args.probes, "batch_size": args.batch_size, "device": args.device, "dtype": args.dtype}
+    common = {"n_probes": args.probes, "batch_size": args.batch_size, "device": args.device, "dtype": args.dtype,
+              "warm": args.warm}
     for model in args.models.split(","):
         for n in _ints(args.train):
             out.append(Case(model, n, tokens=args.base_tokens, sweep="n_train", **common))
@@ -315,6 +322,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
     ap.add_argument("--methods", default="", help="comma-separated method names (default: all)")
     ap.add_argument("--cap", type=float, default=240, help="seconds per method and size before it is dropped")
+    ap.add_argument("--warm", action="store_true",
+                    help="time each method's second call in its process, not its first")
     ap.add_argument("--repeat", type=int, default=1, help="runs per method and size (interleaved; rows are medians)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")

@@ -12,6 +12,7 @@ Parameter sets ("scopes"), each method's error is measured against ``dynamics`` 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 import time
@@ -101,13 +102,16 @@ def relative_error(K: Tensor, ref: Tensor) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------- methods
 def dynamics_exact(lm: LoadedModel, inputs: Inputs, *, scope: str = "linear", batch_size: int = 8,
                    device: str = "cpu", contraction: str = "auto", products: str = "float32",
-                   group_bytes: int | None = None, **_: object) -> Tensor:
+                   group_bytes: int | None = None, cudnn_attention: bool = False, **_: object) -> Tensor:
     """``dynamics`` exact mode: hooks, ghost or materialised contraction per layer and batch (``contraction``
     forces one, to check the planner's choice); ``products="model"`` keeps a bf16 model's products in bf16;
-    ``group_bytes=1`` contracts ghost layers one at a time instead of in same-shape groups."""
+    ``group_bytes=1`` contracts ghost layers one at a time instead of in same-shape groups;
+    ``cudnn_attention`` lets torch pick cuDNN attention again (as before commit e87623b), to time that choice."""
     cfg = InfluenceConfig(params=resolve_scope(lm.model, scope), batch_size=batch_size, target="gold",
                           device=device, contraction=contraction, products=products)
-    with patch.object(influence, "GROUP_BYTES", group_bytes or influence.GROUP_BYTES):
+    attention = contextlib.nullcontext if cudnn_attention else influence._attention_without_cudnn
+    with patch.object(influence, "GROUP_BYTES", group_bytes or influence.GROUP_BYTES), \
+            patch.object(influence, "_attention_without_cudnn", attention):
         K, _, _ = influence.exact_kernel(lm, inputs.train, inputs.probes, cfg)
     return K
 

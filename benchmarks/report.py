@@ -189,7 +189,8 @@ def write_results(reports: list[dict], path: Path, figure: Path) -> None:
            "Every method computes the train × probe kernel K[u, o] = ⟨g(u), g(o)⟩ (g: gradient of the summed "
            "completion log-likelihood) from the same encoded samples, in its own fresh subprocess after one "
            "untimed forward+backward on one sample and a garbage collection whose survivors are then frozen (so that a "
-           "full collection, 0.2 s with transformers loaded, does not land in one method's call at random). Time is that call's wall clock; memory is the subprocess's peak RSS above its RSS "
+           "full collection, 0.2 s with transformers loaded, does not land in one method's call at random). Time is that call's wall clock"
+           " (in sections marked warm: the method's second call, after one untimed call of its own); memory is the subprocess's peak RSS above its RSS "
            "before the call (on CUDA: peak allocated GPU memory). Scopes: `linear` = every nn.Linear weight as "
            "used by its module (the tied output head as a head), `all` = every parameter, `body` = the linear "
            "layers of `model.base_model` (what bergson hooks). Each peer is compared with dynamics on its own "
@@ -207,7 +208,8 @@ def write_results(reports: list[dict], path: Path, figure: Path) -> None:
         other = f"tokens ≈ {fixed['tokens']}" if sweep == "n_train" else f"N_train = {fixed['n_train']}"
         series = _series(group, sweep)
         out += [f"## {model}: {SWEEPS[sweep]} sweep ({other}, {fixed['n_probes']} probes, batch "
-                f"{fixed['batch_size']}, {fixed['device']} {fixed['dtype']})", "",
+                f"{fixed['batch_size']}, {fixed['device']} {fixed['dtype']}"
+                f"{', warm: second call in each process' if fixed.get('warm') else ''})", "",
                 "| method | scope | " + " | ".join(f"{key}={s}" for s in sizes) + " | exponent | err | against |",
                 "|---|---|" + "---|" * len(sizes) + "---|---|---|"]
         names = list(dict.fromkeys(r["method"] for r in group))

@@ -107,3 +107,29 @@ def test_projection_error_over_draws(tmp_path, monkeypatch):
     assert set(errors) == {"kron", "jl"} and all(len(e) == 2 for e in errors.values())
     assert errors["jl"][0] != errors["jl"][1]
     assert max(errors["kron"]) < 0.05 and max(errors["jl"]) < 0.5
+
+
+def test_warm_worker_times_the_second_call(tmp_path, monkeypatch):
+    """``--warm``: the worker calls the method once untimed, then times a second call; the cuDNN variant computes
+    the same kernel (on CPU there is no cuDNN attention, so it is the same code path)."""
+    import gc
+
+    from benchmarks.influence import worker, write_inputs
+
+    case = Case("tiny-llama", 4, 2, 32, batch_size=2, sweep="n_train", warm=True)
+    write_inputs(case, tmp_path)
+    calls = []
+    original = methods.dynamics_exact
+    monkeypatch.setattr(methods, "dynamics_exact", lambda *a, **k: calls.append(k) or original(*a, **k))
+    kernels = {}
+    try:
+        for name in ["dynamics exact linear", "dynamics exact linear cudnn"]:
+            out = tmp_path / name.replace(" ", "_")
+            out.mkdir()
+            worker(BY_NAME[name], case, tmp_path, out)
+            assert json.loads((out / "result.json").read_text())["seconds"] > 0
+            kernels[name] = torch.load(out / "K.pt")
+    finally:
+        gc.unfreeze()
+    assert [k.get("cudnn_attention", False) for k in calls] == [False, False, True, True]
+    assert methods.relative_error(*kernels.values())["rel_fro"] < 1e-6
