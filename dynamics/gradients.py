@@ -736,10 +736,13 @@ def _norm_partial(module: nn.Module, role: str, x: Tensor) -> Tensor | None:
 # --------------------------------------------------------------------------------------------- cost model
 @dataclass
 class FormPlan:
-    """Per parameter: keep the probe side ``dense`` (materialised) or ``lowrank`` (ghost)."""
+    """Per parameter: keep the probe side ``dense`` (materialised) or ``lowrank`` (ghost). ``dense_only``: the
+    dense ones that every training batch contracts faster materialised, so the probes' low-rank terms need not be
+    kept beside the store."""
 
     forms: dict[str, str]
     dense_bytes: int
+    dense_only: frozenset[str] = frozenset()
 
     def dense(self, name: str) -> bool:
         return self.forms.get(name) == "dense"
@@ -791,6 +794,7 @@ def plan_forms(
     force: str | None = None,
     batch_size: int = 8,
     free_build: Iterable[str] = (),
+    shortest: tuple[float, float] | None = None,
 ) -> FormPlan:
     """Choose, per parameter, the cheaper way to take inner products against all probes, within memory.
 
@@ -805,10 +809,15 @@ def plan_forms(
     lengths. ``force`` ("ghost" or "dense") overrides the choice for every parameter whose uses are all low-rank.
     ``free_build``: parameters whose per-sample gradients are materialised in any case (the monitor forms their
     weight gradient from them instead of autograd), so their materialised path costs no build.
+    ``shortest``: the shortest training sample's length and completion length, when all training samples are known;
+    a dense parameter whose materialised contraction (store built) is cheaper even that short is ``dense_only``.
+    The ratio of the two costs falls as the training length grows (dense is linear in T_u, ghost adds T_u²), so it is
+    then cheaper for every batch.
     """
     free_build = set(free_build)
     forms: dict[str, str] = {}
     gains: list[tuple[float, int, str]] = []
+    always_dense: set[str] = set()
     head_module = output_head(recorder.model)
     for name, uses in recorder.uses.items():
         kinds = {u.kind for u in uses}
@@ -830,12 +839,17 @@ def plan_forms(
         if force is None and dense < ghost:
             mem = n_probes * n * element_bytes
             gains.append(((ghost - dense) / max(mem, 1), mem, name))
+            short = ([(shortest[u.module is head_module], o, i) for u, (_, o, i) in zip(uses, train, strict=True)]
+                     if shortest else [])
+            if short and dense_cost(short, n, n_probes, batch_size, element_bytes) < ghost_cost(
+                    short, probes, n_probes, element_bytes):
+                always_dense.add(name)
     used = 0
     for _, mem, name in sorted(gains, reverse=True):
         if used + mem <= budget_bytes:
             forms[name] = "dense"
             used += mem
-    return FormPlan(forms, used)
+    return FormPlan(forms, used, frozenset(n for n in always_dense if forms[n] == "dense"))
 
 
 def output_head(model: nn.Module) -> nn.Module | None:

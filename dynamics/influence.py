@@ -199,9 +199,16 @@ class Batches:
     def __len__(self) -> int:
         return len(self.order)
 
+    def lengths(self, completion: bool = False) -> list[int]:
+        return [sum(e.completion_mask) if completion else len(e.input_ids) for e in self.encoded]
+
     def mean_len(self, completion: bool = False) -> float:
-        lens = [sum(e.completion_mask) if completion else len(e.input_ids) for e in self.encoded]
+        lens = self.lengths(completion)
         return float(np.mean(lens)) if lens else 0.0
+
+    def shortest(self) -> tuple[float, float] | None:
+        """The shortest sample's length and the shortest completion (a lower bound on any batch's)."""
+        return (min(self.lengths()), min(self.lengths(True))) if self.encoded else None
 
 
 def encode_all(lm: LoadedModel, records: Sequence[dict], completions: Sequence | None = None,
@@ -311,8 +318,8 @@ def _probe_pass(engine: _GradientPass, probes: Batches, plan: FormPlan, weights:
                 keep_lowrank: bool = True, logp_out: Tensor | None = None,
                 dtype: torch.dtype | None = None) -> ProbeStore:
     """Run the probes once and keep their gradients: materialised where planned dense (in ``dtype``, default the
-    gradients'), and (if ``keep_lowrank``) low-rank everywhere so each training batch can still pick the cheaper
-    contraction. ``logp_out`` receives each probe's objective value (its log-likelihood)."""
+    gradients'), and (if ``keep_lowrank``) low-rank too, but for the plan's ``dense_only``, so each training batch
+    can still pick the cheaper contraction. ``logp_out`` receives each probe's objective value (its log-likelihood)."""
     store = ProbeStore(n=len(probes.encoded), dtype=dtype)
     dev = engine.recorder.device
     norms = torch.zeros(store.n, dtype=torch.float64, device=dev)  # summed on the device, moved once
@@ -330,7 +337,7 @@ def _probe_pass(engine: _GradientPass, probes: Batches, plan: FormPlan, weights:
                 store.dense[name][index] = g.to(store.dense[name].dtype)
             else:
                 norms[index] += self_inner(pg).double()
-            if not plan.dense(name) or (keep_lowrank and pg.terms):
+            if not plan.dense(name) or (keep_lowrank and pg.terms and name not in plan.dense_only):
                 store.lowrank.setdefault(name, []).append((index, pg))
 
         values = engine.run(items, on_param, None if weights is None else weights[b])
@@ -595,7 +602,7 @@ def exact_kernel(lm: LoadedModel, train_enc: list[Encoded], probe_enc: list[Enco
                       (probes.mean_len(True), train.mean_len(True)), budget,
                       element_bytes=4 if engine.compute_dtype else next(lm.model.parameters()).element_size(),
                       force=None if config.contraction == "auto" else config.contraction,
-                      batch_size=config.batch_size)
+                      batch_size=config.batch_size, shortest=train.shortest())
     if config.contraction == "ghost":
         budget = 0
     store = _probe_pass(engine, probes, plan, probe_weights, keep_lowrank=config.contraction == "auto")

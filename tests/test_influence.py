@@ -258,6 +258,32 @@ def test_default_model_fp32(default_lm):
     assert_matches_reference(default_lm, train, probes, cfg, rtol=1e-3, ref_lm=untied_copy(default_lm))
 
 
+def test_layers_materialised_for_every_batch_keep_no_lowrank_copy(default_lm, tiny64, monkeypatch):
+    """``dense_only``: a layer whose materialised contraction is cheaper even for the shortest training sample (the
+    cost ratio falls with length) drops its probes' low-rank terms; shorter samples keep them; the plan itself is
+    the same. SmolLM2 at 8 probes of 128 tokens: at 64 tokens the MLP layers' ghost form is cheaper, the
+    attention ones' is not."""
+    from dynamics.gradients import plan_forms
+
+    rec = influence._GradientPass(default_lm, InfluenceConfig(params="linear")).recorder
+    plans = {s: plan_forms(rec, 8, 128.0, 128.0, (32.0, 32.0), 1 << 34, shortest=s)
+             for s in [(128, 32), (64, 16), (16, 4), None]}
+    dense = {k for k in plans[None].forms if plans[None].dense(k)}
+    assert len(dense) == 210 and all(p.forms == plans[None].forms for p in plans.values())
+    assert plans[(128, 32)].dense_only == dense
+    assert {k.split(".")[-2] for k in plans[(64, 16)].dense_only} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert not plans[(16, 4)].dense_only and not plans[None].dense_only
+    # in a run: no low-rank copy of those layers in the probe store, the kernel still exact
+    seen = []
+    real_plan, real_pass = influence.plan_forms, influence._probe_pass
+    monkeypatch.setattr(influence, "plan_forms", lambda *a, **k: seen.append(real_plan(*a, **k)) or seen[-1])
+    monkeypatch.setattr(influence, "_probe_pass", lambda *a, **k: seen.append(real_pass(*a, **k)) or seen[-1])
+    cfg = InfluenceConfig(params="linear", batch_size=2, target="gold", dtype="float64")
+    assert_matches_reference(tiny64, TRAIN, PROBES, cfg, rtol=1e-6, ref_lm=untied_copy(tiny64))
+    plan, store = seen
+    assert plan.dense_only and set(store.dense) >= plan.dense_only and not set(store.lowrank) & plan.dense_only
+
+
 def test_fp32_agrees_with_fp64():
     k64 = kernel_of(compute(load_model("tiny-llama", dtype="float64"), TRAIN, PROBES,
                             InfluenceConfig(target="gold", dtype="float64")), 5, 3)
