@@ -528,6 +528,10 @@ class Recorder:
         self._leaves = []
         self._parts = defaultdict(list)
         self._pending = defaultdict(int)
+        # the caller's callbacks hold its state (an influence run's probe store, GBs): a reference kept here would
+        # make a cycle that only the garbage collector frees, so repeated runs would pile stores up until it ran
+        self.on_param = self.on_forward = self.layout = None
+        self._layouts = {}
 
     def _root_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if torch.is_grad_enabled() and not self._reentrant:

@@ -284,6 +284,31 @@ def test_layers_materialised_for_every_batch_keep_no_lowrank_copy(default_lm, ti
     assert plan.dense_only and set(store.dense) >= plan.dense_only and not set(store.lowrank) & plan.dense_only
 
 
+def test_a_run_frees_its_probe_store_without_the_garbage_collector(tiny64, monkeypatch):
+    """No reference cycle keeps the probe store (GBs on a real model) alive once a run returns: repeated runs in one
+    process would otherwise each hold theirs until a collection happened to run (four SmolLM2 runs of 256 tokens
+    were killed for memory on 24 GiB)."""
+    import gc
+    import weakref
+
+    refs = []
+    real_pass = influence._probe_pass
+
+    def spy(*args, **kwargs):
+        store = real_pass(*args, **kwargs)
+        refs.append(weakref.ref(store))
+        return store
+
+    monkeypatch.setattr(influence, "_probe_pass", spy)
+    gc.collect()
+    gc.disable()
+    try:
+        compute(tiny64, TRAIN, PROBES, InfluenceConfig(target="gold", dtype="float64"))
+        assert len(refs) == 1 and refs[0]() is None
+    finally:
+        gc.enable()
+
+
 def test_fp32_agrees_with_fp64():
     k64 = kernel_of(compute(load_model("tiny-llama", dtype="float64"), TRAIN, PROBES,
                             InfluenceConfig(target="gold", dtype="float64")), 5, 3)
