@@ -323,7 +323,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--methods", default="", help="comma-separated method names (default: all)")
     ap.add_argument("--cap", type=float, default=240, help="seconds per method and size before it is dropped")
     ap.add_argument("--warm", action="store_true",
-                    help="time each method's second call in its process, not its first")
+                    help="time each method's second call in its process, not its first (GPU memory is that "
+                         "call's; on CPU the peak RSS is the process's, so it includes the first call)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per method and size (interleaved; rows are medians)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
