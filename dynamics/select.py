@@ -40,7 +40,8 @@ class SelectConfig:
     budget: str = "0.5"  # number of samples to keep, or a fraction of the set
     strategy: str = "drop-harmful"
     model: str = "default"
-    influence: InfluenceConfig = field(default_factory=InfluenceConfig)
+    # the answer's own tokens: the end-of-turn that every sample shares would otherwise weigh in every score
+    influence: InfluenceConfig = field(default_factory=lambda: InfluenceConfig(tokens="content"))
     task: str = "jigsaw"  # simulate-rollouts: the task whose reward judges a sample correct
     task_args: str = ""
     samples: int = 8
