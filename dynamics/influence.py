@@ -539,17 +539,82 @@ def compute(
     progress: Callable[[int], None] | None = None,
 ) -> pd.DataFrame:
     """The influence table (one row per training sample x probe) for one model; see the module docstring."""
-    config = config or InfluenceConfig()
-    config.validate()
-    train_enc, probe_enc = encode_train(lm, train, config), encode_probes(lm, probes, config)
-    if config.mode == "projected":
-        feats_t, feats_p = projected_features(lm, train_enc, probe_enc, config, progress)
-        K = (feats_t @ feats_p.T).double()
-        tn, pn = feats_t.double().norm(dim=1), feats_p.double().norm(dim=1)
-    else:
-        K, tn_sq, pn_sq = exact_kernel(lm, train_enc, probe_enc, config, progress)
-        tn, pn = tn_sq.clamp(min=0).sqrt(), pn_sq.clamp(min=0).sqrt()
-    return kernel_table(K, tn, pn, [r["id"] for r in train], [p["id"] for p in probes], ckpt, step)
+    return Probes(lm, probes, config or InfluenceConfig(), train).table(train, ckpt, step, progress)
+
+
+class Probes:
+    """The probes' side of influence for one model, built on first use and shared by every training set scored
+    against it: the probes' gradient store (exact mode), the per-token store (``per_token``) or the projected
+    features (projected mode). A training set split into blocks (``dynamics influence``'s shards) pays for the
+    probes once per checkpoint, not once per block.
+
+    ``train``: every training record that will be scored; the stores are laid out for their lengths
+    (:func:`plan_forms`), so that a block's contractions do not depend on which blocks came before it."""
+
+    def __init__(self, lm: LoadedModel, probes: Sequence[dict], config: InfluenceConfig,
+                 train: Sequence[dict]) -> None:
+        config.validate()
+        self.lm, self.records, self.config, self.train = lm, list(probes), config, train
+        self.encoded = encode_probes(lm, probes, config)
+        self._kernel: ProbeKernel | None = None
+        self._tokens: tuple[ProbeKernel, list[tuple[int, int]]] | None = None
+        self._features: Tensor | None = None
+
+    def _plan_for(self) -> list[Encoded]:
+        return encode_train(self.lm, self.train, self.config)
+
+    def kernel(self) -> ProbeKernel:
+        if self._kernel is None:
+            self._kernel = ProbeKernel(self.lm, self.encoded, self.config, self._plan_for())
+        return self._kernel
+
+    def features(self) -> Tensor:
+        """The probes' projected features ``(P, D)``."""
+        if self._features is None:
+            self._features = features(self.lm, self.encoded, self.config)
+        return self._features
+
+    def table(self, train: Sequence[dict], ckpt: str = "", step: int = 0,
+              progress: Callable[[int], None] | None = None, train_features: Tensor | None = None) -> pd.DataFrame:
+        """The influence table of ``train`` against the probes (``train_features``: their projected features, if
+        already computed)."""
+        if self.config.mode == "projected":
+            ft = train_features if train_features is not None else \
+                features(self.lm, encode_train(self.lm, train, self.config), self.config, progress)
+            fp = self.features()
+            K = (ft @ fp.T).double()
+            tn, pn = ft.double().norm(dim=1), fp.double().norm(dim=1)
+        else:
+            pk = self.kernel()
+            K, tn_sq = pk(encode_train(self.lm, train, self.config), progress)
+            tn, pn = tn_sq.clamp(min=0).sqrt(), pk.norms_sq.clamp(min=0).sqrt()
+        return kernel_table(K, tn, pn, [r["id"] for r in train], [p["id"] for p in self.records], ckpt, step)
+
+    def token_table(self, train: Sequence[dict], ckpt: str = "", step: int = 0) -> pd.DataFrame:
+        """Kernel between each probe *token*'s log-likelihood gradient and each training sample's gradient."""
+        if self._tokens is None:
+            expanded, keys = _expand_per_token(self.encoded)
+            weights = []
+            for idx, items in Batches(expanded, self.config.batch_size):
+                batch = collate(items, self.lm.tokenizer.pad_token_id)
+                _, valid, _ = completion_positions(batch["input_ids"], batch["completion_mask"])
+                w = torch.zeros(valid.shape)
+                for r, i in enumerate(idx):
+                    w[r, keys[i][1]] = 1.0
+                weights.append(w)
+            # Batches sorts by length: the probe pass feeds the same order the weights were built in
+            self._tokens = ProbeKernel(self.lm, expanded, self.config, self._plan_for(), weights), keys
+        pk, keys = self._tokens
+        K, _ = pk(encode_train(self.lm, train, self.config))
+        rows = []
+        tok = self.lm.tokenizer
+        for j, (i, t) in enumerate(keys):
+            enc = self.encoded[i]
+            comp = [tid for tid, m in zip(enc.input_ids, enc.completion_mask, strict=True) if m]
+            for u, rec in enumerate(train):
+                rows.append({"ckpt": ckpt, "step": step, "train_id": rec["id"], "probe_id": self.records[i]["id"],
+                             "token_index": t, "token": tok.decode([comp[t]]), "kernel": float(K[u, j])})
+        return pd.DataFrame(rows)
 
 
 def check_finite(K: Tensor, train_norm: Tensor, probe_norm: Tensor, train_ids: Sequence[str],
@@ -590,58 +655,51 @@ def kernel_table(K: Tensor, train_norm: Tensor, probe_norm: Tensor, train_ids: S
     })[COLUMNS]
 
 
+class ProbeKernel:
+    """The probes' half of the exact kernel: one forward+backward pass over the probes keeps their gradients (a
+    :class:`ProbeStore` laid out for the lengths of ``plan_for``, the training samples to come); each call then
+    contracts a training set with it, one forward+backward per training batch."""
+
+    def __init__(self, lm: LoadedModel, probe_enc: list[Encoded], config: InfluenceConfig,
+                 plan_for: list[Encoded], probe_weights: list[Tensor] | None = None) -> None:
+        self.engine = _GradientPass(lm, config)
+        self.batch_size = config.batch_size
+        probes = Batches(probe_enc, config.batch_size)
+        train = Batches(plan_for, config.batch_size)
+        self.budget = _memory_budget(config)
+        plan = plan_forms(self.engine.recorder, len(probe_enc), probes.mean_len(), train.mean_len(),
+                          (probes.mean_len(True), train.mean_len(True)), self.budget,
+                          element_bytes=4 if self.engine.compute_dtype else next(lm.model.parameters()).element_size(),
+                          force=None if config.contraction == "auto" else config.contraction,
+                          batch_size=config.batch_size, shortest=train.shortest())
+        if config.contraction == "ghost":
+            self.budget = 0
+        self.store = _probe_pass(self.engine, probes, plan, probe_weights, keep_lowrank=config.contraction == "auto")
+
+    @property
+    def norms_sq(self) -> Tensor:
+        """‖g(o)‖² of every probe, ``(P,)``."""
+        return self.store.norms_sq
+
+    def __call__(self, train_enc: list[Encoded], progress: Callable[[int], None] | None = None
+                 ) -> tuple[Tensor, Tensor]:
+        """K ``(N, P)`` and ‖g(u)‖² ``(N,)`` of these training samples."""
+        return _train_pass(self.engine, Batches(train_enc, self.batch_size), self.store, self.budget, progress)
+
+
 def exact_kernel(lm: LoadedModel, train_enc: list[Encoded], probe_enc: list[Encoded],
                  config: InfluenceConfig, progress: Callable[[int], None] | None = None,
                  probe_weights: list[Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Exact K ``(N, P)``, train norms² ``(N,)`` and probe norms² ``(P,)``."""
-    engine = _GradientPass(lm, config)
-    probes = Batches(probe_enc, config.batch_size)
-    train = Batches(train_enc, config.batch_size)
-    budget = _memory_budget(config)
-    plan = plan_forms(engine.recorder, len(probe_enc), probes.mean_len(), train.mean_len(),
-                      (probes.mean_len(True), train.mean_len(True)), budget,
-                      element_bytes=4 if engine.compute_dtype else next(lm.model.parameters()).element_size(),
-                      force=None if config.contraction == "auto" else config.contraction,
-                      batch_size=config.batch_size, shortest=train.shortest())
-    if config.contraction == "ghost":
-        budget = 0
-    store = _probe_pass(engine, probes, plan, probe_weights, keep_lowrank=config.contraction == "auto")
-    K, train_sq = _train_pass(engine, train, store, budget, progress)
-    return K, train_sq, store.norms_sq
+    pk = ProbeKernel(lm, probe_enc, config, train_enc, probe_weights)
+    K, train_sq = pk(train_enc, progress)
+    return K, train_sq, pk.norms_sq
 
 
 def per_token_kernel(lm: LoadedModel, train: Sequence[dict], probes: Sequence[dict],
                      config: InfluenceConfig, ckpt: str = "", step: int = 0) -> pd.DataFrame:
     """Kernel between each probe *token*'s log-likelihood gradient and each training sample's gradient."""
-    train_enc, probe_enc = encode_train(lm, train, config), encode_probes(lm, probes, config)
-    expanded, keys = _expand_per_token(probe_enc)
-    batches = Batches(expanded, config.batch_size)
-    weights = []
-    for idx, items in batches:
-        batch = collate(items, lm.tokenizer.pad_token_id)
-        _, valid, _ = completion_positions(batch["input_ids"], batch["completion_mask"])
-        w = torch.zeros(valid.shape)
-        for r, i in enumerate(idx):
-            w[r, keys[i][1]] = 1.0
-        weights.append(w)
-    # Batches sorts by length: feed the same order the weights were built in
-    K, _, _ = exact_kernel(lm, train_enc, expanded, config, probe_weights=weights)
-    rows = []
-    tok = lm.tokenizer
-    for j, (i, t) in enumerate(keys):
-        enc = probe_enc[i]
-        comp = [tid for tid, m in zip(enc.input_ids, enc.completion_mask, strict=True) if m]
-        for u, rec in enumerate(train):
-            rows.append({"ckpt": ckpt, "step": step, "train_id": rec["id"], "probe_id": probes[i]["id"],
-                         "token_index": t, "token": tok.decode([comp[t]]), "kernel": float(K[u, j])})
-    return pd.DataFrame(rows)
-
-
-def projected_features(lm: LoadedModel, train_enc: list[Encoded], probe_enc: list[Encoded],
-                       config: InfluenceConfig, progress: Callable[[int], None] | None = None,
-                       ) -> tuple[Tensor, Tensor]:
-    """Projected per-sample features ``(N, D)`` and ``(P, D)``; ⟨φ(u), φ(o)⟩ estimates K(o, u)."""
-    return (features(lm, train_enc, config, progress), features(lm, probe_enc, config))
+    return Probes(lm, probes, config, train).token_table(train, ckpt, step)
 
 
 def features(lm: LoadedModel, encoded: list[Encoded], config: InfluenceConfig,
@@ -875,13 +933,13 @@ def compute_shards(job: InfluenceRun, rank: int = 0, world: int = 1,
         for s in mine:
             s.path.unlink(missing_ok=True)
             s.tokens_path.unlink(missing_ok=True)
-    lm, loaded_spec = None, None
+    lm, side, loaded_spec = None, None, None
     for s in mine:
         if s.path.exists() and (s.tokens_path.exists() or not job.config.per_token):
             continue
         t0 = time.perf_counter()
         if loaded_spec != s.ckpt.spec:
-            lm, loaded_spec = None, None
+            lm, side, loaded_spec = None, None, None  # the last model and its probe store go first
             lm = load_model(s.ckpt.spec, dtype=job.config.dtype, device=job.config.device)
             loaded_spec = s.ckpt.spec
         timings["load"] += time.perf_counter() - t0
@@ -889,13 +947,12 @@ def compute_shards(job: InfluenceRun, rank: int = 0, world: int = 1,
         block = blocks[s.block]
         tick = progress_factory(f"{s.ckpt.name} [{s.block + 1}/{len(blocks)}]", len(block)) if progress_factory \
             else None
-        with _naming_file(job, block):
-            if job.config.mode == "projected":
-                df = _projected_block(lm, block, probes, job, s.ckpt, tick)
-            else:
-                df = compute(lm, block, probes, job.config, ckpt=s.ckpt.name, step=s.ckpt.step, progress=tick)
-            tokens = per_token_kernel(lm, block, probes, job.config, s.ckpt.name, s.ckpt.step) \
-                if job.config.per_token else None
+        with _naming_file(job, train):
+            if side is None:  # the probe pass(es) of this checkpoint, shared by all its blocks
+                side = Probes(lm, probes, job.config, train)
+            ft = _train_features(lm, block, job, s.ckpt, tick) if job.config.mode == "projected" else None
+            df = side.table(block, s.ckpt.name, s.ckpt.step, tick, train_features=ft)
+            tokens = side.token_table(block, s.ckpt.name, s.ckpt.step) if job.config.per_token else None
         timings["compute"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         if tokens is not None:
@@ -907,9 +964,9 @@ def compute_shards(job: InfluenceRun, rank: int = 0, world: int = 1,
     return timings
 
 
-def _projected_block(lm: LoadedModel, block: list[dict], probes: list[dict], job: InfluenceRun, ck,
-                     tick: Callable[[int], None] | None) -> pd.DataFrame:
-    """Projected kernel for one block, reusing stored training features when present."""
+def _train_features(lm: LoadedModel, block: list[dict], job: InfluenceRun, ck,
+                    tick: Callable[[int], None] | None) -> Tensor:
+    """Projected features of one block's training samples, stored once in the features folder and reused."""
     cfg = job.config
     store = Path(job.features_dir) if job.features_dir else Path(job.out) / "features"
     store.mkdir(parents=True, exist_ok=True)
@@ -917,16 +974,11 @@ def _projected_block(lm: LoadedModel, block: list[dict], probes: list[dict], job
                              cfg.proj_dim, cfg.proj_seed, cfg.dtype, cfg.products]))
     path = store / f"train-{fkey}.pt"
     if path.exists():
-        ft = torch.load(path)["features"]
-    else:
-        ft = features(lm, encode_train(lm, block, cfg), cfg, tick)
-        with atomic_path(path) as tmp:
-            torch.save({"ids": [r["id"] for r in block], "features": ft, "ckpt": ck.spec,
-                        "config": asdict(cfg)}, tmp)
-    fp = features(lm, encode_probes(lm, probes, cfg), cfg)
-    K = (ft @ fp.T).double()
-    return kernel_table(K, ft.double().norm(dim=1), fp.double().norm(dim=1), [r["id"] for r in block],
-                        [p["id"] for p in probes], ck.name, ck.step)
+        return torch.load(path)["features"]
+    ft = features(lm, encode_train(lm, block, cfg), cfg, tick)
+    with atomic_path(path) as tmp:
+        torch.save({"ids": [r["id"] for r in block], "features": ft, "ckpt": ck.spec, "config": asdict(cfg)}, tmp)
+    return ft
 
 
 def merge(job: InfluenceRun, timings: dict[str, float] | None = None) -> Path:

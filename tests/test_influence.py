@@ -439,6 +439,41 @@ def test_cli_writes_table_manifest_and_resumes(tmp_path, cli):
     pd.testing.assert_frame_equal(pd.read_parquet(out / "influence.parquet"), df)
 
 
+@pytest.mark.parametrize("mode", ["exact", "projected"])
+def test_shards_of_a_checkpoint_share_one_probe_pass(tmp_path, monkeypatch, mode):
+    """`dynamics influence` splits the training set into shards; the probes' gradients (and per-token gradients,
+    or projected features) are computed once per checkpoint and every shard is contracted with them. Here 3
+    shards, and the tables those of one call on the whole set."""
+    from dynamics.data import write_records
+
+    sizes = []  # samples in each pass over probes (exact), or over any samples (projected features)
+    real_pass, real_features = influence._probe_pass, influence.features
+    monkeypatch.setattr(influence, "_probe_pass",
+                        lambda e, b, *a, **k: sizes.append(len(b.encoded)) or real_pass(e, b, *a, **k))
+    monkeypatch.setattr(influence, "features",
+                        lambda lm, enc, *a, **k: sizes.append(len(enc)) or real_features(lm, enc, *a, **k))
+    cfg = InfluenceConfig(target="gold", dtype="float64", mode=mode, per_token=mode == "exact")
+    job = influence.InfluenceRun(ckpts=["tiny-llama"], train=str(write_records(tmp_path / "train.jsonl", TRAIN)),
+                                 probes=str(write_records(tmp_path / "probes.jsonl", PROBES)),
+                                 out=str(tmp_path / "out"), config=cfg, shard_size=2)
+    df = pd.read_parquet(influence.run(job))
+    assert len(list((tmp_path / "out" / "shards").glob("*-0000[0-2].parquet"))) == 3
+    lm = load_model("tiny-llama", dtype="float64")
+    if mode == "exact":  # the probes' store and their per-token store, one pass each
+        assert len(sizes) == 2 and sizes[0] == len(PROBES) and sizes[1] > len(PROBES), sizes
+        tokens = pd.read_parquet(tmp_path / "out" / "influence_tokens.parquet")
+        whole = per_token_kernel(lm, TRAIN, PROBES, cfg)
+        key = ["train_id", "probe_id", "token_index"]
+        assert sorted(tokens.set_index(key).index) == sorted(whole.set_index(key).index)
+        np.testing.assert_allclose(tokens.set_index(key)["kernel"].loc[whole.set_index(key).index], whole["kernel"],
+                                   rtol=1e-10)
+    else:  # each shard's training features, and the probes' once
+        assert sorted(sizes) == [1, 2, 2, len(PROBES)], sizes
+    # (projected features are float32, batched differently in shards than in one call)
+    np.testing.assert_allclose(df["kernel"], compute(lm, TRAIN, PROBES, cfg)["kernel"],
+                               rtol=1e-10 if mode == "exact" else 1e-6)
+
+
 def test_cli_bad_input_is_one_line(tmp_path, cli):
     train = _write(tmp_path / "train.jsonl", TRAIN[:1] + [{"id": "x", "prompt": "p"}])
     probes = _write(tmp_path / "probes.jsonl", PROBES)
