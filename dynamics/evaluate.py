@@ -207,10 +207,13 @@ def run_eval(
     if not checkpoints:
         raise DynamicsError("the run folder has no complete checkpoint yet", file=spec, field="model")
     loaded: dict[str, LoadedModel] = {}
-    if task_records is None or probes is None:  # the default probe suite depends on the model's kind
-        first = loaded[checkpoints[0].spec] = load_model(checkpoints[0].spec, dtype=config.dtype,
-                                                          device=config.device)
-        built_tasks, built_probes = load_inputs(config, out_dir, first.kind)
+    if task_records is None or probes is None:
+        kind = "causal-lm"
+        if probes is None and not config.probes:  # the default probe suite depends on the model's kind
+            first = loaded[checkpoints[0].spec] = load_model(checkpoints[0].spec, dtype=config.dtype,
+                                                              device=config.device)
+            kind = first.kind
+        built_tasks, built_probes = load_inputs(config, out_dir, kind)
         task_records = built_tasks if task_records is None else task_records
         probes = built_probes if probes is None else probes
     manifest = {"format": FORMAT, "model": str(spec), "config": {k: v for k, v in asdict(config).items()
@@ -223,6 +226,9 @@ def run_eval(
         if all(old.get(k) == manifest[k] for k in ("model", "config", "inputs")):
             frames.append(pd.read_parquet(parquet))
     done = {(m, int(s)) for f in frames for m, s in zip(f["model"], f["step"], strict=True)}
+    for ckpt in checkpoints:  # a model loaded for its kind alone is not held while the others are evaluated
+        if (ckpt.name, ckpt.step) in done:
+            loaded.pop(ckpt.spec, None)
     write_json(manifest_path, {**manifest, "versions": versions()})
     for ckpt in checkpoints:
         if (ckpt.name, ckpt.step) in done:

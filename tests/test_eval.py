@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pandas as pd
 import pytest
 
+from dynamics.data import write_records
 from dynamics.evaluate import COLUMNS, EvalConfig, evaluate_model, run_eval, summarise
 from dynamics.probes import text_suite, visual_suite
 from dynamics.tasks import get_task
@@ -76,11 +78,17 @@ def test_run_folder_in_step_order_and_resume(tiny_lm, tmp_path):
     # the same weights at both steps: the same scores
     a, b = (df[df["step"] == s].reset_index(drop=True) for s in (5, 20))
     assert (a["logp_sum"] - b["logp_sum"]).abs().max() < 1e-6
-    # resuming: finished checkpoints are not loaded again (their weights are gone now)
+    # the same with the probes named by the configuration (as `dynamics eval --probes FILE` gives them)
+    write_records(tmp_path / "probes.jsonl", probes)
+    named_cfg = replace(QUIET, probes=str(tmp_path / "probes.jsonl"))
+    named = run_eval(run, tasks, None, named_cfg, tmp_path / "named")
+    pd.testing.assert_frame_equal(named, df)
+    # resuming: finished checkpoints are not loaded again (their weights are gone now), not even for the model's
+    # kind when the probes are named
     for f in (run / "checkpoint-5").glob("*.safetensors"):
         f.unlink()
-    again = run_eval(run, tasks, probes, QUIET, tmp_path / "out")
-    pd.testing.assert_frame_equal(again, df)
+    pd.testing.assert_frame_equal(run_eval(run, tasks, probes, QUIET, tmp_path / "out"), df)
+    pd.testing.assert_frame_equal(run_eval(run, tasks, None, named_cfg, tmp_path / "named"), df)
 
 
 def test_eval_command_on_the_tiny_vlm(cli, tmp_path):
