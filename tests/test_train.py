@@ -282,6 +282,8 @@ def test_config_file_reaches_every_trl_option(tmp_path, cli):
               "--config", str(tmp_path / "cfg.yaml"), "--lr", "0.001", "--batch-size", "4")
     assert out.returncode == 0, out.stderr
     assert "2 steps" in out.stdout and "checkpoints [2]" in out.stdout
+    # the progress bar carries the last loss; no dict of logged values is printed per step
+    assert "loss=" in out.stderr and "{'loss'" not in out.stdout + out.stderr
     cfg = json.loads((tmp_path / "run/manifest.json").read_text())["config"]
     assert (cfg["lr_scheduler_type"], cfg["weight_decay"], cfg["learning_rate"]) == ("constant", 0.01, 0.001)
     assert {r["lr"] for r in read_jsonl_rows(tmp_path / "run/metrics.jsonl")} == {0.001}  # constant schedule

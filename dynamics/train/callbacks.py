@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from dynamics.errors import DynamicsError
 from dynamics.models import LoadedModel
@@ -47,6 +48,28 @@ class MetricsCallback(TrainerCallback):
         row.update({k: v for k, v in logs.items() if k not in METRIC_NAMES})
         row["time"] = round(time.time(), 3)
         append_jsonl(self.path, row)
+
+
+class CompactProgressCallback(ProgressCallback):
+    """transformers' progress bar, with the last loss (and mean reward) on the bar instead of a printed dict per
+    logging step (every logged value is in ``metrics.jsonl``)."""
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        if state.is_world_process_zero and self.training_bar is not None and logs:
+            shown = {new: f"{logs[old]:.4g}" for old, new in (("loss", "loss"), ("reward", "reward"))
+                     if isinstance(logs.get(old), (int, float))}
+            if shown:
+                self.training_bar.set_postfix(shown, refresh=False)
+
+
+def compact_progress(trainer: Any) -> Any:
+    """Replace transformers' log printing (a dict per logging step: :class:`PrinterCallback`, or written under the
+    bar by :class:`ProgressCallback`) with :class:`CompactProgressCallback`, or with nothing if ``disable_tqdm``."""
+    trainer.pop_callback(PrinterCallback)
+    trainer.pop_callback(ProgressCallback)
+    if not trainer.args.disable_tqdm:
+        trainer.add_callback(CompactProgressCallback())
+    return trainer
 
 
 class FiniteCheckCallback(TrainerCallback):

@@ -85,7 +85,7 @@ class RunOptions:
     resume: bool = field(default=False, metadata={"help": "Continue the run in output_dir from its newest checkpoint."})
     overwrite: bool = field(default=False, metadata={"help": "Delete an existing run in output_dir first."})
 
-    # TRL / transformers defaults changed for CPU runs
+    # TRL / transformers defaults changed (for CPU runs, and for the CLI)
     activation_checkpointing: bool | None = False
     gradient_checkpointing: bool | None = None  # deprecated alias of activation_checkpointing in transformers 5
     bf16: bool | None = False
@@ -93,6 +93,7 @@ class RunOptions:
     save_strategy: str = "no"
     report_to: str | list[str] | None = "none"
     dataloader_pin_memory: bool = False
+    disable_tqdm: bool | None = False  # the progress bar whatever transformers' log level (the CLI sets error)
 
 
 def run_options_post_init(config: Any) -> None:
@@ -384,6 +385,9 @@ def run_trainer(trainer: Any, config: Any, resume_from: Path | None, info: RunIn
     if config.should_save:
         write_json(manifest_path, manifest)
     start_step = int(resume_from.name.split("-")[1]) if resume_from else 0
+    from dynamics.train.callbacks import compact_progress
+
+    compact_progress(trainer)
     t0 = time.perf_counter()
     try:
         out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
