@@ -316,7 +316,7 @@ class ProbeStore:
 
 def _probe_pass(engine: _GradientPass, probes: Batches, plan: FormPlan, weights: list[Tensor] | None,
                 keep_lowrank: bool = True, logp_out: Tensor | None = None,
-                dtype: torch.dtype | None = None) -> ProbeStore:
+                dtype: torch.dtype | None = None, progress: Callable[[int], None] | None = None) -> ProbeStore:
     """Run the probes once and keep their gradients: materialised where planned dense (in ``dtype``, default the
     gradients'), and (if ``keep_lowrank``) low-rank too, but for the plan's ``dense_only``, so each training batch
     can still pick the cheaper contraction. ``logp_out`` receives each probe's objective value (its log-likelihood)."""
@@ -343,6 +343,8 @@ def _probe_pass(engine: _GradientPass, probes: Batches, plan: FormPlan, weights:
         values = engine.run(items, on_param, None if weights is None else weights[b])
         if logp_out is not None:
             logp_out[index.cpu()] = values.double().cpu()
+        if progress:
+            progress(len(idx))
     store.norms_sq = norms.cpu()
     return store
 
@@ -549,12 +551,14 @@ class Probes:
     probes once per checkpoint, not once per block.
 
     ``train``: every training record that will be scored; the stores are laid out for their lengths
-    (:func:`plan_forms`), so that a block's contractions do not depend on which blocks came before it."""
+    (:func:`plan_forms`), so that a block's contractions do not depend on which blocks came before it.
+    ``progress``: ``factory(what, total)`` of a progress callback for each pass over the probes."""
 
-    def __init__(self, lm: LoadedModel, probes: Sequence[dict], config: InfluenceConfig,
-                 train: Sequence[dict]) -> None:
+    def __init__(self, lm: LoadedModel, probes: Sequence[dict], config: InfluenceConfig, train: Sequence[dict],
+                 progress: Callable[[str, int], Callable[[int], None]] | None = None) -> None:
         config.validate()
         self.lm, self.records, self.config, self.train = lm, list(probes), config, train
+        self._bar = progress or (lambda what, total: None)
         self.encoded = encode_probes(lm, probes, config)
         self._kernel: ProbeKernel | None = None
         self._tokens: tuple[ProbeKernel, list[tuple[int, int]]] | None = None
@@ -565,13 +569,14 @@ class Probes:
 
     def kernel(self) -> ProbeKernel:
         if self._kernel is None:
-            self._kernel = ProbeKernel(self.lm, self.encoded, self.config, self._plan_for())
+            self._kernel = ProbeKernel(self.lm, self.encoded, self.config, self._plan_for(),
+                                       progress=self._bar("probes", len(self.encoded)))
         return self._kernel
 
     def features(self) -> Tensor:
         """The probes' projected features ``(P, D)``."""
         if self._features is None:
-            self._features = features(self.lm, self.encoded, self.config)
+            self._features = features(self.lm, self.encoded, self.config, self._bar("probes", len(self.encoded)))
         return self._features
 
     def table(self, train: Sequence[dict], ckpt: str = "", step: int = 0,
@@ -603,7 +608,8 @@ class Probes:
                     w[r, keys[i][1]] = 1.0
                 weights.append(w)
             # Batches sorts by length: the probe pass feeds the same order the weights were built in
-            self._tokens = ProbeKernel(self.lm, expanded, self.config, self._plan_for(), weights), keys
+            self._tokens = ProbeKernel(self.lm, expanded, self.config, self._plan_for(), weights,
+                                       self._bar("probe tokens", len(expanded))), keys
         pk, keys = self._tokens
         K, _ = pk(encode_train(self.lm, train, self.config))
         rows = []
@@ -661,7 +667,8 @@ class ProbeKernel:
     contracts a training set with it, one forward+backward per training batch."""
 
     def __init__(self, lm: LoadedModel, probe_enc: list[Encoded], config: InfluenceConfig,
-                 plan_for: list[Encoded], probe_weights: list[Tensor] | None = None) -> None:
+                 plan_for: list[Encoded], probe_weights: list[Tensor] | None = None,
+                 progress: Callable[[int], None] | None = None) -> None:
         self.engine = _GradientPass(lm, config)
         self.batch_size = config.batch_size
         probes = Batches(probe_enc, config.batch_size)
@@ -674,7 +681,8 @@ class ProbeKernel:
                           batch_size=config.batch_size, shortest=train.shortest())
         if config.contraction == "ghost":
             self.budget = 0
-        self.store = _probe_pass(self.engine, probes, plan, probe_weights, keep_lowrank=config.contraction == "auto")
+        self.store = _probe_pass(self.engine, probes, plan, probe_weights, keep_lowrank=config.contraction == "auto",
+                                 progress=progress)
 
     @property
     def norms_sq(self) -> Tensor:
@@ -945,11 +953,13 @@ def compute_shards(job: InfluenceRun, rank: int = 0, world: int = 1,
         timings["load"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         block = blocks[s.block]
-        tick = progress_factory(f"{s.ckpt.name} [{s.block + 1}/{len(blocks)}]", len(block)) if progress_factory \
-            else None
         with _naming_file(job, train):
             if side is None:  # the probe pass(es) of this checkpoint, shared by all its blocks
-                side = Probes(lm, probes, job.config, train)
+                bars = None if progress_factory is None else \
+                    lambda what, total, name=s.ckpt.name: progress_factory(f"{name} {what}", total)
+                side = Probes(lm, probes, job.config, train, bars)
+            tick = progress_factory(f"{s.ckpt.name} [{s.block + 1}/{len(blocks)}]", len(block)) \
+                if progress_factory else None
             ft = _train_features(lm, block, job, s.ckpt, tick) if job.config.mode == "projected" else None
             df = side.table(block, s.ckpt.name, s.ckpt.step, tick, train_features=ft)
             tokens = side.token_table(block, s.ckpt.name, s.ckpt.step) if job.config.per_token else None

@@ -456,8 +456,19 @@ def test_shards_of_a_checkpoint_share_one_probe_pass(tmp_path, monkeypatch, mode
     job = influence.InfluenceRun(ckpts=["tiny-llama"], train=str(write_records(tmp_path / "train.jsonl", TRAIN)),
                                  probes=str(write_records(tmp_path / "probes.jsonl", PROBES)),
                                  out=str(tmp_path / "out"), config=cfg, shard_size=2)
-    df = pd.read_parquet(influence.run(job))
+    bars = {}  # description -> [total, advanced]
+
+    def factory(what: str, total: int):
+        bars[what] = [total, 0]
+        return lambda n: bars[what].__setitem__(1, bars[what][1] + n)
+
+    df = pd.read_parquet(influence.run(job, progress_factory=factory))
     assert len(list((tmp_path / "out" / "shards").glob("*-0000[0-2].parquet"))) == 3
+    # a bar for each shard and for each pass over the probes, each run to its end
+    assert bars["tiny-llama probes"] == [len(PROBES)] * 2 and all(t == n for t, n in bars.values())
+    assert [bars[f"tiny-llama [{i}/3]"][0] for i in (1, 2, 3)] == [2, 2, 1]
+    if mode == "exact":
+        assert bars["tiny-llama probe tokens"][0] == sizes[1]
     lm = load_model("tiny-llama", dtype="float64")
     if mode == "exact":  # the probes' store and their per-token store, one pass each
         assert len(sizes) == 2 and sizes[0] == len(PROBES) and sizes[1] > len(PROBES), sizes
