@@ -21,13 +21,13 @@ PROBES = [{"id": f"p{i}", "prompt": "q" * (2 * i + 1), "completion": "answer"[: 
 
 
 def _sft(tmp_path, model, params, steps, lr, records=TRAIN, probes=PROBES, batch=4, bf16=False, refresh=1,
-         callbacks=(), monitor=True, accumulate=1, lora_r=0, **monitor_options):
+         callbacks=(), monitor=True, accumulate=1, lora_r=0, checkpoint_every=0, **monitor_options):
     tmp_path.mkdir(exist_ok=True)
     (tmp_path / "probes.jsonl").write_text("".join(json.dumps(p) + "\n" for p in probes))
     cfg = SFTRunConfig(output_dir=str(tmp_path / "run"), model=model, max_steps=steps,
                        per_device_train_batch_size=batch, learning_rate=lr, optim="sgd", lr_scheduler_type="constant",
                        seed=0, max_grad_norm=0.0, bf16=bf16, gradient_accumulation_steps=accumulate,
-                       lora_r=lora_r)
+                       lora_r=lora_r, checkpoint_every=checkpoint_every)
     trainer, resume = build_sft_trainer(cfg, records=records)
     mon = None
     if monitor:
@@ -152,9 +152,10 @@ def test_predicted_change_follows_measured_on_default_model(tmp_path):
 
 
 def test_predictions_carried_to_the_next_step_equal_the_update_product(tmp_path):
-    """Between refreshes a step's prediction rides on the next step's contraction (the last step's on a pass of
-    its own): every step's ⟨g(o), Δθ⟩ equals the brute-force probe gradients at the base weights dotted with the
-    parameter change the step made."""
+    """Between refreshes a step's prediction rides on the next step's contraction (the last step's, and a
+    checkpointed step's, on a pass of its own): every step's ⟨g(o), Δθ⟩ equals the brute-force probe gradients at
+    the base weights dotted with the parameter change the step made. A checkpoint's row is on disk when the
+    checkpoint is (a run resumed from it would not redo that step)."""
     import torch
     from influence_reference import reference_grads, untied_copy
     from transformers import TrainerCallback
@@ -175,10 +176,16 @@ def test_predictions_carried_to_the_next_step_equal_the_update_product(tmp_path)
         def on_train_end(self, args, state, control, model=None, **kwargs):
             self._take(model)
 
-    rows = _sft_with_monitor(tmp_path, "tiny-llama", "linear", steps=3, lr=1e-2, refresh=3, callbacks=[Snapshot()])
-    G = reference_grads(base, PROBES, "linear").double()  # (P, n) at the base weights, the store's until step 3
-    assert [r["step"] for r in rows] == [0, 1, 2, 3] and "measured_logp" in rows[3]
-    for k in (1, 2, 3):
+        def on_save(self, args, state, control, **kwargs):
+            saved.append((state.global_step, [r["step"] for r in read_jsonl_rows(tmp_path / "run" / "monitor.jsonl")]))
+
+    saved = []
+    rows = _sft_with_monitor(tmp_path, "tiny-llama", "linear", steps=4, lr=1e-2, refresh=4, callbacks=[Snapshot()],
+                             checkpoint_every=2)
+    G = reference_grads(base, PROBES, "linear").double()  # (P, n) at the base weights, the store's until step 4
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4] and "measured_logp" in rows[4]
+    assert saved == [(2, [0, 1, 2]), (4, [0, 1, 2, 3, 4])]
+    for k in (1, 2, 3, 4):
         expected = (G @ (snaps[k] - snaps[k - 1]).double()).numpy()
         assert np.abs(expected).max() > 0
         np.testing.assert_allclose(rows[k]["predicted_dlogp_per_probe"], expected, rtol=1e-3,

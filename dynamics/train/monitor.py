@@ -325,8 +325,15 @@ class InterferenceMonitor(TrainerCallback):
         else:
             self._held = row
 
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._flush(state)  # a run resumed from this checkpoint starts after this step: its row must be on disk
+
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self._held is not None:  # training stopped early: the held row's prediction by its own pass
+        self._flush(state)  # training stopped early
+
+    def _flush(self, state: Any) -> None:
+        """Write the held row now, with its prediction by a pass of its own over the store."""
+        if self._held is not None:
             self._write(state, self._predicted(self._held, self._update_prediction()))
             self._held = None
 
