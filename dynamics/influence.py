@@ -984,6 +984,8 @@ def _train_features(lm: LoadedModel, block: list[dict], job: InfluenceRun, ck,
                              cfg.proj_dim, cfg.proj_seed, cfg.dtype, cfg.products]))
     path = store / f"train-{fkey}.pt"
     if path.exists():
+        if tick:
+            tick(len(block))
         return torch.load(path)["features"]
     ft = features(lm, encode_train(lm, block, cfg), cfg, tick)
     with atomic_path(path) as tmp:

@@ -480,6 +480,12 @@ def test_shards_of_a_checkpoint_share_one_probe_pass(tmp_path, monkeypatch, mode
                                    rtol=1e-10)
     else:  # each shard's training features, and the probes' once
         assert sorted(sizes) == [1, 2, 2, len(PROBES)], sizes
+        # another run given the stored training features (--features) computes the probes' alone
+        sizes.clear()
+        again = influence.InfluenceRun(**{**vars(job), "out": str(tmp_path / "again"),
+                                          "features_dir": str(tmp_path / "out" / "features")})
+        pd.testing.assert_frame_equal(pd.read_parquet(influence.run(again, progress_factory=factory)), df)
+        assert sizes == [len(PROBES)] and all(t == n for t, n in bars.values())
     # (projected features are float32, batched differently in shards than in one call)
     np.testing.assert_allclose(df["kernel"], compute(lm, TRAIN, PROBES, cfg)["kernel"],
                                rtol=1e-10 if mode == "exact" else 1e-6)
