@@ -209,7 +209,9 @@ def run_eval(
     loaded: dict[str, LoadedModel] = {}
     if task_records is None or probes is None:
         kind = "causal-lm"
-        if probes is None and not config.probes:  # the default probe suite depends on the model's kind
+        # the first model is loaded before anything is written (a model that does not load leaves no folder
+        # behind), and for its kind, on which the default probe suite depends; not when resuming named probes
+        if not (out_dir / "manifest.json").exists() or (probes is None and not config.probes):
             first = loaded[checkpoints[0].spec] = load_model(checkpoints[0].spec, dtype=config.dtype,
                                                               device=config.device)
             kind = first.kind
