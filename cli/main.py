@@ -7,6 +7,7 @@ import importlib
 import os
 import pkgutil
 import sys
+import warnings
 
 import dynamics.cli
 from dynamics.cli.app import app
@@ -25,6 +26,8 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    # TRL reads this deprecated property at every GRPO generation; nothing a user of the CLI can act on
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     tune_cpu_allocator()
     try:
         app()
