@@ -62,14 +62,13 @@ class CompactProgressCallback(ProgressCallback):
                 self.training_bar.set_postfix(shown, refresh=False)
 
 
-def compact_progress(trainer: Any) -> Any:
+def compact_progress(trainer: Any) -> None:
     """Replace transformers' log printing (a dict per logging step: :class:`PrinterCallback`, or written under the
     bar by :class:`ProgressCallback`) with :class:`CompactProgressCallback`, or with nothing if ``disable_tqdm``."""
     trainer.pop_callback(PrinterCallback)
     trainer.pop_callback(ProgressCallback)
     if not trainer.args.disable_tqdm:
         trainer.add_callback(CompactProgressCallback())
-    return trainer
 
 
 class FiniteCheckCallback(TrainerCallback):
