@@ -199,16 +199,23 @@ class Batches:
     def __len__(self) -> int:
         return len(self.order)
 
-    def lengths(self, completion: bool = False) -> list[int]:
-        return [sum(e.completion_mask) if completion else len(e.input_ids) for e in self.encoded]
 
-    def mean_len(self, completion: bool = False) -> float:
-        lens = self.lengths(completion)
-        return float(np.mean(lens)) if lens else 0.0
+@dataclass(frozen=True)
+class Lengths:
+    """What a probe store's plan (:func:`plan_forms`) reads of a set of samples: the mean length, the mean
+    completion length, and the shortest sample's (length, completion length) -- a lower bound on any batch's."""
 
-    def shortest(self) -> tuple[float, float] | None:
-        """The shortest sample's length and the shortest completion (a lower bound on any batch's)."""
-        return (min(self.lengths()), min(self.lengths(True))) if self.encoded else None
+    mean: float
+    completion: float
+    shortest: tuple[float, float] | None
+
+    @classmethod
+    def of(cls, encoded: Sequence[Encoded]) -> Lengths:
+        if not encoded:
+            return cls(0.0, 0.0, None)
+        lens = [len(e.input_ids) for e in encoded]
+        comp = [sum(e.completion_mask) for e in encoded]
+        return cls(float(np.mean(lens)), float(np.mean(comp)), (min(lens), min(comp)))
 
 
 def encode_all(lm: LoadedModel, records: Sequence[dict], completions: Sequence | None = None,
@@ -550,8 +557,10 @@ class Probes:
     features (projected mode). A training set split into blocks (``dynamics influence``'s shards) pays for the
     probes once per checkpoint, not once per block.
 
-    ``train``: every training record that will be scored; the stores are laid out for their lengths
-    (:func:`plan_forms`), so that a block's contractions do not depend on which blocks came before it.
+    ``train``: every training record that will be scored; the stores are laid out for their :class:`Lengths`
+    (:func:`plan_forms`), so that a block's contractions do not depend on which blocks came before it. Those are
+    read from the first block scored when it is the whole set, else from one encoding of the set (then dropped).
+    The last block's encodings are kept, so that its table and its token table share them.
     ``progress``: ``factory(what, total)`` of a progress callback for each pass over the probes."""
 
     def __init__(self, lm: LoadedModel, probes: Sequence[dict], config: InfluenceConfig, train: Sequence[dict],
@@ -563,15 +572,29 @@ class Probes:
         self._kernel: ProbeKernel | None = None
         self._tokens: tuple[ProbeKernel, list[tuple[int, int]]] | None = None
         self._features: Tensor | None = None
+        self._lengths: Lengths | None = None
+        self._last: tuple[Sequence[dict], list[Encoded]] | None = None
 
-    def _plan_for(self) -> list[Encoded]:
-        return encode_train(self.lm, self.train, self.config)
+    def _encode(self, block: Sequence[dict]) -> list[Encoded]:
+        if self._last is None or self._last[0] is not block:
+            self._last = None  # the previous block's encodings go first
+            self._last = block, encode_train(self.lm, block, self.config)
+        return self._last[1]
 
-    def kernel(self) -> ProbeKernel:
+    def _plan_lengths(self, block: Sequence[dict], encoded: list[Encoded]) -> Lengths:
+        """The whole training set's lengths, from ``block``'s encodings when it is the whole set."""
+        if self._lengths is None:
+            whole = len(block) == len(self.train) and all(a is b for a, b in zip(block, self.train, strict=True))
+            self._lengths = Lengths.of(encoded if whole else encode_train(self.lm, self.train, self.config))
+        return self._lengths
+
+    def kernel(self, block: Sequence[dict]) -> tuple[ProbeKernel, list[Encoded]]:
+        """The probes' store (built on first use) and ``block``'s encodings."""
+        encoded = self._encode(block)
         if self._kernel is None:
-            self._kernel = ProbeKernel(self.lm, self.encoded, self.config, self._plan_for(),
+            self._kernel = ProbeKernel(self.lm, self.encoded, self.config, self._plan_lengths(block, encoded),
                                        progress=self._bar("probes", len(self.encoded)))
-        return self._kernel
+        return self._kernel, encoded
 
     def features(self) -> Tensor:
         """The probes' projected features ``(P, D)``."""
@@ -590,13 +613,14 @@ class Probes:
             K = (ft @ fp.T).double()
             tn, pn = ft.double().norm(dim=1), fp.double().norm(dim=1)
         else:
-            pk = self.kernel()
-            K, tn_sq = pk(encode_train(self.lm, train, self.config), progress)
+            pk, encoded = self.kernel(train)
+            K, tn_sq = pk(encoded, progress)
             tn, pn = tn_sq.clamp(min=0).sqrt(), pk.norms_sq.clamp(min=0).sqrt()
         return kernel_table(K, tn, pn, [r["id"] for r in train], [p["id"] for p in self.records], ckpt, step)
 
     def token_table(self, train: Sequence[dict], ckpt: str = "", step: int = 0) -> pd.DataFrame:
         """Kernel between each probe *token*'s log-likelihood gradient and each training sample's gradient."""
+        encoded = self._encode(train)
         if self._tokens is None:
             expanded, keys = _expand_per_token(self.encoded)
             weights = []
@@ -608,10 +632,10 @@ class Probes:
                     w[r, keys[i][1]] = 1.0
                 weights.append(w)
             # Batches sorts by length: the probe pass feeds the same order the weights were built in
-            self._tokens = ProbeKernel(self.lm, expanded, self.config, self._plan_for(), weights,
+            self._tokens = ProbeKernel(self.lm, expanded, self.config, self._plan_lengths(train, encoded), weights,
                                        self._bar("probe tokens", len(expanded))), keys
         pk, keys = self._tokens
-        K, _ = pk(encode_train(self.lm, train, self.config))
+        K, _ = pk(encoded)
         rows = []
         tok = self.lm.tokenizer
         for j, (i, t) in enumerate(keys):
@@ -663,22 +687,21 @@ def kernel_table(K: Tensor, train_norm: Tensor, probe_norm: Tensor, train_ids: S
 
 class ProbeKernel:
     """The probes' half of the exact kernel: one forward+backward pass over the probes keeps their gradients (a
-    :class:`ProbeStore` laid out for the lengths of ``plan_for``, the training samples to come); each call then
+    :class:`ProbeStore` laid out for ``plan_for``, the lengths of the training samples to come); each call then
     contracts a training set with it, one forward+backward per training batch."""
 
     def __init__(self, lm: LoadedModel, probe_enc: list[Encoded], config: InfluenceConfig,
-                 plan_for: list[Encoded], probe_weights: list[Tensor] | None = None,
+                 plan_for: Lengths, probe_weights: list[Tensor] | None = None,
                  progress: Callable[[int], None] | None = None) -> None:
         self.engine = _GradientPass(lm, config)
         self.batch_size = config.batch_size
-        probes = Batches(probe_enc, config.batch_size)
-        train = Batches(plan_for, config.batch_size)
+        probes, own = Batches(probe_enc, config.batch_size), Lengths.of(probe_enc)
         self.budget = _memory_budget(config)
-        plan = plan_forms(self.engine.recorder, len(probe_enc), probes.mean_len(), train.mean_len(),
-                          (probes.mean_len(True), train.mean_len(True)), self.budget,
+        plan = plan_forms(self.engine.recorder, len(probe_enc), own.mean, plan_for.mean,
+                          (own.completion, plan_for.completion), self.budget,
                           element_bytes=4 if self.engine.compute_dtype else next(lm.model.parameters()).element_size(),
                           force=None if config.contraction == "auto" else config.contraction,
-                          batch_size=config.batch_size, shortest=train.shortest())
+                          batch_size=config.batch_size, shortest=plan_for.shortest)
         if config.contraction == "ghost":
             self.budget = 0
         self.store = _probe_pass(self.engine, probes, plan, probe_weights, keep_lowrank=config.contraction == "auto",
@@ -699,7 +722,7 @@ def exact_kernel(lm: LoadedModel, train_enc: list[Encoded], probe_enc: list[Enco
                  config: InfluenceConfig, progress: Callable[[int], None] | None = None,
                  probe_weights: list[Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Exact K ``(N, P)``, train norms² ``(N,)`` and probe norms² ``(P,)``."""
-    pk = ProbeKernel(lm, probe_enc, config, train_enc, probe_weights)
+    pk = ProbeKernel(lm, probe_enc, config, Lengths.of(train_enc), probe_weights)
     K, train_sq = pk(train_enc, progress)
     return K, train_sq, pk.norms_sq
 

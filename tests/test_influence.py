@@ -443,9 +443,17 @@ def test_cli_writes_table_manifest_and_resumes(tmp_path, cli):
 def test_shards_of_a_checkpoint_share_one_probe_pass(tmp_path, monkeypatch, mode):
     """`dynamics influence` splits the training set into shards; the probes' gradients (and per-token gradients,
     or projected features) are computed once per checkpoint and every shard is contracted with them. Here 3
-    shards, and the tables those of one call on the whole set."""
+    shards, and the tables those of one call on the whole set. Each training sample is encoded once to score it
+    (its table and token table share the encoding), plus once to lay out the store when the first block scored is
+    not the whole set."""
+    from collections import Counter
+
     from dynamics.data import write_records
 
+    encoded = Counter()  # record id -> times encoded
+    real_encode = influence.encode_record
+    monkeypatch.setattr(influence, "encode_record",
+                        lambda pc, rec, **k: encoded.update([rec["id"]]) or real_encode(pc, rec, **k))
     sizes = []  # samples in each pass over probes (exact), or over any samples (projected features)
     real_pass, real_features = influence._probe_pass, influence.features
     monkeypatch.setattr(influence, "_probe_pass",
@@ -464,6 +472,7 @@ def test_shards_of_a_checkpoint_share_one_probe_pass(tmp_path, monkeypatch, mode
 
     df = pd.read_parquet(influence.run(job, progress_factory=factory))
     assert len(list((tmp_path / "out" / "shards").glob("*-0000[0-2].parquet"))) == 3
+    assert [encoded[r["id"]] for r in TRAIN] == [2 if mode == "exact" else 1] * len(TRAIN), encoded
     # a bar for each shard and for each pass over the probes, each run to its end
     assert bars["tiny-llama probes"] == [len(PROBES)] * 2 and all(t == n for t, n in bars.values())
     assert [bars[f"tiny-llama [{i}/3]"][0] for i in (1, 2, 3)] == [2, 2, 1]
@@ -487,8 +496,10 @@ def test_shards_of_a_checkpoint_share_one_probe_pass(tmp_path, monkeypatch, mode
         pd.testing.assert_frame_equal(pd.read_parquet(influence.run(again, progress_factory=factory)), df)
         assert sizes == [len(PROBES)] and all(t == n for t, n in bars.values())
     # (projected features are float32, batched differently in shards than in one call)
+    encoded.clear()
     np.testing.assert_allclose(df["kernel"], compute(lm, TRAIN, PROBES, cfg)["kernel"],
                                rtol=1e-10 if mode == "exact" else 1e-6)
+    assert [encoded[r["id"]] for r in TRAIN] == [1] * len(TRAIN), encoded  # one call: the plan reads the scoring's
 
 
 def test_cli_bad_input_is_one_line(tmp_path, cli):

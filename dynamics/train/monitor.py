@@ -44,6 +44,7 @@ from dynamics.gradients import FormPlan, Layout, ParamGrad, output_head, owns_we
 from dynamics.influence import (
     Batches,
     InfluenceConfig,
+    Lengths,
     ProbeStore,
     _GradientPass,
     _memory_budget,
@@ -177,16 +178,16 @@ class InterferenceMonitor(TrainerCallback):
         model.eval()
         try:
             enc = encode_probes(lm, self.probes, self.icfg)
-            batches = Batches(enc, self.icfg.batch_size)
+            batches, own = Batches(enc, self.icfg.batch_size), Lengths.of(enc)
             self.budget = _memory_budget(self.icfg)
             self.ownable = self._ownable(model)
             # the training rows' lengths where known (SFT), else the probes' (GRPO: rollouts come later; a layer
             # the plan leaves in ghost form is materialised by the first batch it pays off for, and owned from then)
             train_len, train_completion = (np.mean(self.train_lens, axis=0) if self.train_lens
-                                           else (batches.mean_len(), batches.mean_len(True)))
+                                           else (own.mean, own.completion))
             def plan(dtype: torch.dtype, budget: float) -> FormPlan:
-                return plan_forms(self.engine.recorder, len(enc), batches.mean_len(), float(train_len),
-                                  (batches.mean_len(True), float(train_completion)), budget,
+                return plan_forms(self.engine.recorder, len(enc), own.mean, float(train_len),
+                                  (own.completion, float(train_completion)), budget,
                                   element_bytes=dtype.itemsize, free_build=self.ownable,
                                   batch_size=self.trainer.args.per_device_train_batch_size if self.trainer is not None
                                   else self.icfg.batch_size)
