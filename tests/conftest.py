@@ -48,3 +48,19 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture
+def cli_params():
+    """``cli_params("train", "sft")``: the parameters of a `dynamics` command by name, read without running it."""
+    import typer
+
+    from dynamics.cli.main import app
+
+    def params(*path: str) -> dict:
+        command = typer.main.get_command(app)
+        for name in path:
+            command = command.commands[name]
+        return {p.name: p for p in command.params}
+
+    return params

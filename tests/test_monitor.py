@@ -335,13 +335,10 @@ def test_bad_monitor_dtype_is_one_line(cli, tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
-def test_help_texts_state_the_monitor_defaults():
+def test_help_texts_state_the_monitor_defaults(cli_params):
     """The monitor's defaults live in MonitorConfig; the CLI's and the run config's help texts repeat them."""
     from dataclasses import fields
 
-    import typer
-
-    from dynamics.cli.main import app
     from dynamics.train.run import RunOptions
 
     cfg = MonitorConfig(probes="p")
@@ -349,5 +346,5 @@ def test_help_texts_state_the_monitor_defaults():
     run = {f.name: f for f in fields(RunOptions)}
     assert memory in run["monitor_max_memory"].metadata["help"] and run["monitor_refresh"].default == cfg.refresh
     for kind in ("sft", "rft"):
-        params = {p.name: p for p in typer.main.get_command(app).commands["train"].commands[kind].params}
+        params = cli_params("train", kind)
         assert memory in params["monitor_max_memory"].help and refresh in params["monitor_refresh"].help, kind

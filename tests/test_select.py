@@ -62,22 +62,18 @@ def test_cli_select_and_bad_strategy(tmp_path, cli):
     assert res.returncode == 2 and "strategy" in res.stderr and "Traceback" not in res.stderr
 
 
-def test_cli_defaults_are_the_library_defaults():
+def test_cli_defaults_are_the_library_defaults(cli_params):
     """`dynamics select` and `dynamics probes build` only parse into their configs: a library caller gets the
     defaults a CLI user gets (select scores the answers' own tokens, probes generate 64 prompts a batch)."""
-    import typer
-
-    from dynamics.cli.main import app
     from dynamics.probes import ProbeBuildConfig
 
-    commands = typer.main.get_command(app).commands
-    cli = {p.name: p.default for p in commands["select"].params}
+    cli = {name: p.default for name, p in cli_params("select").items()}
     cfg = SelectConfig(data="d", probes="p", out="o")
     for name in ("budget", "strategy", "model", "task", "task_args", "samples", "temperature"):
         assert cli[name] == getattr(cfg, name), name
     for name in ("params", "mode", "batch_size", "target", "tokens"):
         assert cli[name] == getattr(cfg.influence, name), name
-    cli = {p.name: p.default for p in commands["probes"].commands["build"].params}
+    cli = {name: p.default for name, p in cli_params("probes", "build").items()}
     build = ProbeBuildConfig()
     for name in ("model", "suite", "keep_correct", "limit", "max_new_tokens", "batch_size"):
         assert cli[name] == getattr(build, name), name
