@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from dynamics.errors import DynamicsError
-from dynamics.store import read_parquet
+from dynamics.store import input_file, read_parquet
 
 METRICS_COLUMNS = ("step", "loss")  # + lr, grad_norm, reward_mean?, reward_std?, kl?
 METRICS_NUMERIC = ("step", "loss", "lr", "grad_norm", "reward_mean", "reward_std", "kl")
@@ -43,9 +43,7 @@ SKIP_DIRS = re.compile(r"^(\.|checkpoint-\d+$|__pycache__$)")
 # ------------------------------------------------------------------------------------------------- readers
 def read_json(path: str | os.PathLike) -> dict:
     """A JSON object from a file, or a DynamicsError naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise DynamicsError("file not found", file=path)
+    path = input_file(path)
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -75,9 +73,7 @@ def read_jsonl_table(path: str | os.PathLike, required: tuple[str, ...] = (),
     """A JSON-lines log as a DataFrame. Every row must be an object holding ``required``; values of the
     columns ``numeric(name)`` selects must be numbers (or null). A torn last line -- what a killed writer
     leaves -- is skipped, as :func:`dynamics.store.read_jsonl_rows` does."""
-    path = Path(path)
-    if not path.is_file():
-        raise DynamicsError("file not found", file=path)
+    path = input_file(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
@@ -112,9 +108,7 @@ def read_jsonl_table(path: str | os.PathLike, required: tuple[str, ...] = (),
 def read_parquet_table(path: str | os.PathLike, required: tuple[str, ...] = (),
                        numeric: tuple[str, ...] = ()) -> pd.DataFrame:
     """A parquet table holding ``required`` columns (``numeric`` ones as numbers), or a DynamicsError."""
-    path = Path(path)
-    if not path.is_file():
-        raise DynamicsError("file not found", file=path)
+    path = input_file(path)
     try:
         df = read_parquet(path)  # a live run may replace it while we read
     except Exception as e:  # pyarrow raises several types for corrupt files

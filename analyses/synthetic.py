@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from dynamics.data import write_records
-from dynamics.store import append_jsonl, atomic_path, write_json
+from dynamics.store import append_jsonl, atomic_path, make_folder, write_json
 
 CATEGORIES = ("facts", "arithmetic", "commonsense")
 
@@ -85,7 +85,7 @@ def write_study(root: str | Path, *, seed: int = 0, n_seeds: int = 1, n_train: i
         write_records(root / "data" / f"{label}.jsonl", recs)
         for k in range(n_seeds):
             run = root / "runs" / (label if n_seeds == 1 else f"{label}-seed{k}")
-            run.mkdir(parents=True, exist_ok=True)
+            make_folder(run)
             # items are learned (forgotten) once a fixed per-item threshold is crossed, as a real model does
             p_task = src.task_final * (1 - np.exp(-s / src.task_tau))
             task = (rng.random(n_task)[:, None] < p_task[None, :]).astype(float)

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from dynamics.errors import DynamicsError
-from dynamics.store import atomic_path
+from dynamics.store import atomic_path, input_file
 
 ROLES = ("system", "user", "assistant", "tool")
 KNOWN_FIELDS = {
@@ -160,9 +160,7 @@ def _raw_rows(path: Path) -> Iterable[tuple[int, Any]]:
 
 def read_records(path: str | os.PathLike, require_completion: bool = True) -> list[dict]:
     """Read and validate every record of a JSONL or parquet file; ids must be unique."""
-    path = Path(path)
-    if not _is_file(path):
-        raise DynamicsError("file not found", file=path)
+    path = input_file(path)
     if path.suffix not in (".jsonl", ".json", ".parquet"):
         raise DynamicsError("expected a .jsonl or .parquet file", file=path)
     records, seen = [], {}

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from dynamics.errors import DynamicsError
-from dynamics.store import versions, write_json
+from dynamics.store import make_folder, versions, write_json
 
 DEMO_FORMAT = 1
 INFLUENCE_MEMORY_GB = 3.0  # probe-store budget of each influence computation (the rest stays in ghost form)
@@ -365,7 +365,7 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> Path:
     """Run (or reuse) every stage into ``config.out``; return the path of ``report.md``."""
     name, plan = config.resolved()
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     demo = Demo(out, name, plan, config.force, config.progress, log=log)
     if demo.state_path.is_file() and not config.force:
         demo.state = json.loads(demo.state_path.read_text())

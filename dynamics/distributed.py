@@ -20,6 +20,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from dynamics.errors import DynamicsError
+from dynamics.store import make_folder
 
 
 def init(device: str = "cpu") -> tuple[int, int]:
@@ -48,7 +49,7 @@ def relaunch(job: object, nproc: int) -> None:
     """Run an influence job (a :class:`dynamics.influence.InfluenceRun`) under ``torchrun`` on ``nproc``
     local processes; its description travels as OUT/job.json."""
     out = Path(job.out)
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     spec = out / "job.json"
     spec.write_text(json.dumps(asdict(job), indent=2))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",

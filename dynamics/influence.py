@@ -71,8 +71,8 @@ from dynamics.gradients import (
     stacked_inner,
     stacked_self_inner,
 )
-from dynamics.models import LoadedModel
-from dynamics.store import atomic_path, file_hash, versions, write_json
+from dynamics.models import LoadedModel, check_device
+from dynamics.store import atomic_path, check_folder, file_hash, make_folder, versions, write_json
 
 COLUMNS = ["ckpt", "step", "train_id", "probe_id", "kernel", "cosine", "train_norm", "probe_norm"]
 
@@ -118,6 +118,7 @@ class InfluenceConfig:
             raise DynamicsError(f"--products must be float32 or model, got {self.products!r}", field="products")
         if self.per_token and self.mode != "exact":
             raise DynamicsError("--per-token needs --mode exact", field="per_token")
+        check_device(self.device)
 
 
 # --------------------------------------------------------------------------------------------- objective
@@ -957,6 +958,7 @@ def compute_shards(job: InfluenceRun, rank: int = 0, world: int = 1,
     """Compute this rank's unfinished shards (index ≡ rank mod world), each written atomically."""
     from dynamics.models import load_model
 
+    check_folder(job.out)
     train, probes, ckpts, blocks, shards = _inputs(job)  # atomic_path makes OUT/shards with the first shard
     timings = {"load": 0.0, "compute": 0.0, "write": 0.0}
     mine = [s for s in shards if s.index % world == rank]
@@ -1002,7 +1004,7 @@ def _train_features(lm: LoadedModel, block: list[dict], job: InfluenceRun, ck,
     """Projected features of one block's training samples, stored once in the features folder and reused."""
     cfg = job.config
     store = Path(job.features_dir) if job.features_dir else Path(job.out) / "features"
-    store.mkdir(parents=True, exist_ok=True)
+    make_folder(store)
     fkey = _slug(json.dumps([ck.spec, [r["id"] for r in block], cfg.params, cfg.reduce, cfg.projection,
                              cfg.proj_dim, cfg.proj_seed, cfg.dtype, cfg.products]))
     path = store / f"train-{fkey}.pt"

@@ -311,6 +311,25 @@ def _load_folder(folder: Path, dtype: torch.dtype, name: str) -> tuple[torch.nn.
     return model, tok, None
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """The torch device that ``device`` names, if this machine has it; otherwise a :class:`DynamicsError`."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise DynamicsError(f"not a device: {str(device)!r} (use cpu, cuda or cuda:N)", field="device") from None
+    if dev.type == "cpu":
+        return dev
+    have = torch.accelerator.current_accelerator()
+    if have is None or have.type != dev.type:
+        sees = f"only {have.type}" if have is not None else "no accelerator"
+        raise DynamicsError(f"no {dev.type} device on this machine (torch {torch.__version__} sees {sees}); "
+                            "use --device cpu", field="device")
+    if dev.index is not None and dev.index >= torch.accelerator.device_count():
+        raise DynamicsError(f"no {dev}: this machine has {torch.accelerator.device_count()} {dev.type} device(s)",
+                            field="device")
+    return dev
+
+
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -327,6 +346,7 @@ def load_model(
     ``trainable`` loads peft adapters with their adapter weights trainable (for further training).
     """
     torch_dtype = _dtype(dtype)
+    device = check_device(device)
     spec_str = str(spec)
     path = Path(spec_str).expanduser()
     processor = None

@@ -36,7 +36,7 @@ import torch
 from dynamics.data import collate, encode_record, read_records, write_records
 from dynamics.errors import DynamicsError
 from dynamics.models import LoadedModel
-from dynamics.store import write_json
+from dynamics.store import check_file, make_folder, write_json
 
 TEXT_SUITE = "probes_text.jsonl"
 SUITES = ("text", "visual")
@@ -55,7 +55,7 @@ def visual_suite(image_dir: str | Path, n_per_category: int = 12, seed: int = 0)
     from dynamics.tasks.images import draw_probe_image
 
     image_dir = Path(image_dir)
-    image_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(image_dir)
     rng = random.Random(seed)
     records = []
     for category in ("colour", "shape", "count", "position"):
@@ -306,7 +306,7 @@ def build_probes(config: ProbeBuildConfig, out: str | Path, lm: LoadedModel | No
     ``out`` and ``<out>.summary.json``; return that summary."""
     from dynamics.models import load_model
 
-    out = Path(out)
+    out = check_file(out)  # before the scoring, which can take minutes
     lm = lm if lm is not None else load_model(config.model)
     suite = config.suite or ("visual" if lm.kind == "vlm" else "text")
     probes = load_probes(suite, image_dir=out.parent / f"{out.stem}_images")

@@ -25,7 +25,7 @@ import pandas as pd
 
 from dynamics.errors import DynamicsError
 from dynamics.influence import InfluenceConfig, compute
-from dynamics.store import atomic_path
+from dynamics.store import atomic_path, check_file
 
 STRATEGIES = ("drop-harmful", "keep-aligned", "simulate-rollouts")
 
@@ -107,6 +107,7 @@ def select(config: SelectConfig, lm=None) -> tuple[Path, pd.DataFrame]:
     from dynamics.models import load_model
 
     config.validate()
+    out = check_file(config.out)
     records = read_records(config.data)
     probes = read_records(config.probes)
     keep_n = parse_budget(config.budget, len(records))
@@ -126,7 +127,6 @@ def select(config: SelectConfig, lm=None) -> tuple[Path, pd.DataFrame]:
     table["decision"] = ["kept" if i in kept else "dropped" for i in table.index]
     table["reason"] = [reasons.get(i, "within budget") if i in kept else why_drop for i in table.index]
     table = table.reset_index(names="train_id")
-    out = Path(config.out)
     write_records(out, [r for r in records if r["id"] in kept])
     with atomic_path(decisions_path(out)) as tmp:
         table.to_parquet(tmp, index=False)

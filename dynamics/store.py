@@ -18,14 +18,61 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dynamics.errors import DynamicsError
+
 if TYPE_CHECKING:
     import pandas as pd
+
+
+def _check_parents(path: Path) -> None:
+    """A :class:`DynamicsError` naming the nearest existing parent of ``path`` if it is a file."""
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise DynamicsError(f"is a file, expected a folder to hold {path}", file=parent)
+
+
+def check_folder(path: str | os.PathLike) -> Path:
+    """``path`` as a folder that exists or can be made: a file where it or one of its parents should be is the
+    user's mistake, a :class:`DynamicsError` naming that file."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DynamicsError("is a file, expected a folder", file=path)
+    _check_parents(path)
+    return path
+
+
+def check_file(path: str | os.PathLike) -> Path:
+    """``path`` as a file that can be written: not a folder, and no file where one of its folders should be."""
+    path = Path(path)
+    if path.is_dir():
+        raise DynamicsError("is a folder, expected a file", file=path)
+    _check_parents(path)
+    return path
+
+
+def input_file(path: str | os.PathLike, what: str = "file") -> Path:
+    """``path`` if it is a file to read; otherwise a :class:`DynamicsError`: not found, or a folder."""
+    path = Path(path)
+    try:
+        if path.is_file():
+            return path
+        folder = path.is_dir()
+    except (OSError, ValueError):  # a name the OS refuses (too long, NUL bytes) names no file
+        folder = False
+    raise DynamicsError(f"is a folder, expected a {what}" if folder else f"{what} not found", file=path)
+
+
+def make_folder(path: str | os.PathLike) -> Path:
+    """Create the folder ``path`` and its parents (see :func:`check_folder` for a file in the way)."""
+    path = check_folder(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
-    path = Path(path)
+    path = check_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix or ".tmp", dir=path.parent)
     os.close(fd)

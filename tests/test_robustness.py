@@ -243,6 +243,53 @@ def test_cli_rejects_bad_specs_and_options(tmp_path, main_in_process, monkeypatc
     assert_clean_error(*main_in_process(*args), "", must, out)
 
 
+def test_cli_names_a_file_or_folder_in_the_way_of_its_output(tmp_path, main_in_process, monkeypatch):
+    """A file where an output folder (or a parent of an output) should be, a folder where an output file should
+    be, or a folder given as an input file: one line naming it, before any work, and nothing is written."""
+    monkeypatch.chdir(tmp_path)
+    good = write_records(tmp_path / "good.jsonl", [GOOD, {**GOOD, "id": "b"}])
+    other = write_records(tmp_path / "other.jsonl", [GOOD])
+    blocker, folder = tmp_path / "blocker", tmp_path / "folder"
+    blocker.write_text("keep me")
+    folder.mkdir()
+    into_folder = [  # commands whose --out is a folder
+        ["influence", "--ckpt", "tiny-llama", "--train", str(good), "--probes", str(good)],
+        ["eval", "--model", "tiny-llama", "--no-task", "--probes", str(good)],
+        ["train", "sft", "--model", "tiny-llama", "--data", str(good), "--max-steps", "1"],
+        ["compare", "--data", str(good), "--data", str(other)],
+        ["figures", "--runs", str(folder)],
+        ["demo"],
+    ]
+    into_file = [  # commands whose --out is a file
+        ["select", "--model", "tiny-llama", "--data", str(good), "--probes", str(good)],
+        ["rollouts", "--model", "tiny-llama", "--data", str(good)],
+        ["probes", "build", "--model", "tiny-llama", "--limit", "2"],
+        ["data", "jigsaw", "--n", "2"],
+    ]
+    jobs = [(args + ["--out", str(out)], "blocker", must) for args in into_folder
+            for out, must in ((blocker, "is a file, expected a folder"), (blocker / "run", "expected a folder to hold"))]
+    jobs += [(args + ["--out", str(out)], name, must) for args in into_file
+             for out, name, must in ((folder, "folder", "is a folder, expected a file"),
+                                     (blocker / "x.jsonl", "blocker", "expected a folder to hold"))]
+    jobs += [(["influence", "--ckpt", "tiny-llama", "--train", str(folder), "--probes", str(good), "--out",
+               str(tmp_path / "out")], "folder", "is a folder, expected a file"),
+             (["train", "sft", "--model", "tiny-llama", "--data", str(good), "--config", str(folder), "--out",
+               str(tmp_path / "out")], "folder", "is a folder, expected a config file")]
+    for args, name, must in jobs:
+        assert_clean_error(*main_in_process(*args), name, must, tmp_path / "out")
+    assert blocker.read_text() == "keep me" and not any(folder.iterdir())
+
+
+@pytest.mark.parametrize("device,must", [("gpu", "not a device"), ("cuda:99", "no cuda")])
+def test_cli_rejects_a_device_this_machine_lacks(tmp_path, main_in_process, monkeypatch, device, must):
+    monkeypatch.chdir(tmp_path)
+    good = write_records(tmp_path / "good.jsonl", [GOOD, {**GOOD, "id": "b"}])
+    out = tmp_path / "out"
+    for args in (["influence", "--ckpt", "tiny-llama", "--train", str(good), "--probes", str(good)],
+                 ["eval", "--model", "tiny-llama", "--no-task", "--probes", str(good)]):
+        assert_clean_error(*main_in_process(*args, "--out", str(out), "--device", device), "device", must, out)
+
+
 def test_cli_rejects_undecodable_image_and_long_prompt(tmp_path, main_in_process, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")

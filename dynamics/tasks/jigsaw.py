@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from dynamics.errors import DynamicsError
+from dynamics.store import make_folder
 from dynamics.tasks import Task, format_task_args
 
 FORMS = ("text", "image")
@@ -369,7 +370,7 @@ def _image_record(cfg: JigsawConfig, rng: random.Random, sources: list[Path] | N
     pair = tuple(rng.sample(range(cfg.n_pieces), 2)) if cfg.question == "pair" else None
     patches = im.cut(original, cfg.rows, cfg.cols)
     shown = [patches[p] for p in perm]
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder)
     if cfg.patches == "composite":
         paths = [folder / f"{rid}.png"]
         im.compose(shown, cfg.rows, cfg.cols).save(paths[0])

@@ -27,7 +27,7 @@ import torch
 
 from dynamics.data import read_records, write_records
 from dynamics.errors import DynamicsError
-from dynamics.store import read_jsonl_rows, write_jsonl
+from dynamics.store import check_file, read_jsonl_rows, write_jsonl
 
 KEEP = ("all", "correct")
 
@@ -198,6 +198,7 @@ def make_rollouts(config: RolloutsConfig) -> tuple[Path, dict]:
     and a summary (counts, mean reward and accuracy of everything sampled)."""
     if not config.out:
         raise DynamicsError("no output file given", field="out")
+    check_file(config.out)  # before the sampling, which can take hours
     if config.from_run:
         rows = rollouts_from_run(config.from_run, config.steps)
     else:

@@ -32,7 +32,15 @@ from typing import Any
 import torch
 
 from dynamics.errors import DynamicsError
-from dynamics.store import file_hash, read_jsonl_rows, versions, write_json, write_jsonl
+from dynamics.store import (
+    check_folder,
+    file_hash,
+    input_file,
+    read_jsonl_rows,
+    versions,
+    write_json,
+    write_jsonl,
+)
 
 RUN_FORMAT = 1
 STAGING = ".staging"
@@ -116,9 +124,7 @@ def read_config_file(path: str | os.PathLike) -> dict:
     """A YAML or JSON mapping of option names (``-`` or ``_``) to values."""
     import yaml
 
-    path = Path(path)
-    if not path.is_file():
-        raise DynamicsError("config file not found", file=path)
+    path = input_file(path, "config file")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))  # YAML is a superset of JSON
     except yaml.YAMLError as e:
@@ -186,8 +192,7 @@ def prepare_run(config: Any) -> Path | None:
     ckpts = complete_checkpoints(run)
     resume_from = ckpts[-1][1] if (config.resume and ckpts) else None
     if config.should_save:  # the main process prepares the folder, the others wait
-        if run.exists() and not run.is_dir():
-            raise DynamicsError("the run folder is a file", file=run)
+        check_folder(run)
         nonempty = run.is_dir() and any(run.iterdir())
         if nonempty and not ((run / "manifest.json").exists() or ckpts):
             raise DynamicsError("the folder is not empty and holds no run: choose another run folder", file=run)
