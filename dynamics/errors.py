@@ -1,4 +1,4 @@
-"""The one exception type for user mistakes.
+"""The one exception type for user mistakes, and a check of options' numeric bounds that raises it.
 
 A :class:`DynamicsError` carries where the mistake is (file, line, field) so that the CLI can print it on one
 line and exit with status 2. Bugs raise ordinary exceptions.
@@ -6,7 +6,9 @@ line and exit with status 2. Bugs raise ordinary exceptions.
 
 from __future__ import annotations
 
+import math
 from os import PathLike
+from typing import Any
 
 
 class DynamicsError(Exception):
@@ -32,3 +34,12 @@ class DynamicsError(Exception):
             where = self.file + (f":{self.line}" if self.line is not None else "") + ": "
         field = f"field '{self.field}': " if self.field else ""
         return f"{where}{field}{self.message}".replace("\n", " ")
+
+
+def check_bounds(config: Any, at_least: dict[str, float], above: dict[str, float] | None = None) -> None:
+    """Each option named in ``at_least`` is None or a finite number >= its bound; in ``above``, > its bound."""
+    for bounds, op in ((at_least, ">="), (above or {}, ">")):
+        for name, bound in bounds.items():
+            value = getattr(config, name)
+            if value is not None and not (math.isfinite(value) and (value >= bound if op == ">=" else value > bound)):
+                raise DynamicsError(f"{name} must be {op} {bound}, got {value}", field=name)

@@ -23,7 +23,7 @@ from typing import Any
 
 import pandas as pd
 
-from dynamics.errors import DynamicsError
+from dynamics.errors import DynamicsError, check_bounds
 from dynamics.models import LoadedModel
 from dynamics.store import atomic_path, versions, write_json, write_jsonl
 
@@ -51,6 +51,9 @@ class EvalConfig:
     dtype: str = "float32"
     device: str = "cpu"
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_bounds(self, {"max_new_tokens": 1, "probe_max_new_tokens": 1, "batch_size": 1, "logp_batch_size": 1})
 
 
 def _task_rows(lm: LoadedModel, records: Sequence[dict], config: EvalConfig) -> pd.DataFrame:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import time
@@ -118,6 +119,8 @@ class InfluenceConfig:
             raise DynamicsError(f"--products must be float32 or model, got {self.products!r}", field="products")
         if self.per_token and self.mode != "exact":
             raise DynamicsError("--per-token needs --mode exact", field="per_token")
+        if self.max_memory_gb is not None and not self.max_memory_gb >= 0:
+            raise DynamicsError(f"--max-memory must be >= 0 GiB, got {self.max_memory_gb}", field="max_memory")
         check_device(self.device)
 
 
@@ -901,6 +904,16 @@ class InfluenceRun:
     predict_check: int = 0  # one-step check on this many training samples
     lr: float = 1e-4
 
+    def validate(self) -> None:
+        self.config.validate()
+        if self.shard_size < 1:
+            raise DynamicsError(f"--shard-size must be >= 1, got {self.shard_size}", field="shard_size")
+        if self.predict_check < 0:
+            raise DynamicsError(f"--predict-check must be >= 0, got {self.predict_check}", field="predict_check")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise DynamicsError(f"--lr must be a positive number, got {self.lr}", field="lr")
+        check_folder(self.out)
+
 
 @dataclass
 class Shard:
@@ -921,7 +934,7 @@ def _inputs(job: InfluenceRun) -> tuple[list[dict], list[dict], list, list[list[
     from dynamics.data import read_records
     from dynamics.models import resolve_checkpoints
 
-    job.config.validate()
+    job.validate()
     train = read_records(job.train)
     probes = read_records(job.probes)
     ckpts = [c for spec in job.ckpts for c in resolve_checkpoints(spec)]
@@ -958,7 +971,6 @@ def compute_shards(job: InfluenceRun, rank: int = 0, world: int = 1,
     """Compute this rank's unfinished shards (index ≡ rank mod world), each written atomically."""
     from dynamics.models import load_model
 
-    check_folder(job.out)
     train, probes, ckpts, blocks, shards = _inputs(job)  # atomic_path makes OUT/shards with the first shard
     timings = {"load": 0.0, "compute": 0.0, "write": 0.0}
     mine = [s for s in shards if s.index % world == rank]
@@ -1079,6 +1091,7 @@ def run_job(job: InfluenceRun, launcher: str = "none", nproc: int = 2) -> Path |
     computes its shards; rank 0 merges), or relaunched on ``nproc`` processes with ``launcher="torchrun"``."""
     from dynamics import distributed
 
+    job.validate()
     if launcher == "torchrun":
         distributed.relaunch(job, nproc)
         return Path(job.out) / "influence.parquet"

@@ -293,6 +293,10 @@ def test_config_file_reaches_every_trl_option(tmp_path, cli):
     assert (err.value.file, err.value.field) == (str(tmp_path / "bad.yaml"), "learning_rat")
     with pytest.raises(DynamicsError, match="optimizer_state"):
         load_config(SFTRunConfig, None, output_dir=str(tmp_path / "r2"), optimizer_state="some")
+    # PyYAML (YAML 1.1) reads 1e-4 as a string, which torch's optimizer then refused with a traceback
+    (tmp_path / "exp.yaml").write_text("learning_rate: 1e-4\nweight_decay: 5E-3\nmax_grad_norm: 2e0\nwarmup_steps: 3\n")
+    cfg = load_config(SFTRunConfig, tmp_path / "exp.yaml", output_dir=str(tmp_path / "r3"))
+    assert (cfg.learning_rate, cfg.weight_decay, cfg.max_grad_norm, cfg.warmup_steps) == (1e-4, 5e-3, 2.0, 3)
 
 
 def test_rft_cli_on_jigsaw(tmp_path, cli):

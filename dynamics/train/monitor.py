@@ -80,11 +80,11 @@ class MonitorConfig:
     def influence_config(self) -> InfluenceConfig:
         cfg = InfluenceConfig(params=self.params, target=self.target, tokens=self.tokens,
                               batch_size=self.batch_size, max_memory_gb=self.max_memory_gb)
-        cfg.validate()
         if self.refresh < 1:
             raise DynamicsError("--monitor-refresh must be >= 1", field="monitor_refresh")
-        if self.max_memory_gb is not None and self.max_memory_gb < 0:
+        if self.max_memory_gb is not None and not self.max_memory_gb >= 0:
             raise DynamicsError("--monitor-max-memory must be >= 0 GiB", field="monitor_max_memory")
+        cfg.validate()
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise DynamicsError(f"--monitor-dtype must be auto, float32 or bfloat16, got {self.dtype!r}",
                                 field="monitor_dtype")

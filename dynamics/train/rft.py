@@ -29,7 +29,7 @@ from transformers import BatchFeature, ProcessorMixin
 from trl import GRPOConfig, GRPOTrainer
 
 from dynamics.data import encode, load_images, text_of
-from dynamics.errors import DynamicsError
+from dynamics.errors import DynamicsError, check_bounds
 from dynamics.store import append_jsonl
 from dynamics.train.rollouts import prompt_records, rollout_record
 from dynamics.train.run import (
@@ -69,6 +69,8 @@ class RFTRunConfig(RunOptions, GRPOConfig):
 
     def __post_init__(self) -> None:
         run_options_post_init(self)
+        check_bounds(self, {"n_prompts": 1, "prompts_per_step": 0, "num_generations": 2, "max_completion_length": 1,
+                            "beta": 0}, above={"temperature": 0, "epsilon": 0})
         if self.prompts_per_step:
             world = int(os.environ.get("WORLD_SIZE", "1"))
             total = self.prompts_per_step * self.num_generations

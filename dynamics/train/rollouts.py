@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from dynamics.data import read_records, write_records
-from dynamics.errors import DynamicsError
+from dynamics.errors import DynamicsError, check_bounds
 from dynamics.store import check_file, read_jsonl_rows, write_jsonl
 
 KEEP = ("all", "correct")
@@ -60,10 +60,10 @@ class RolloutsConfig:
     def __post_init__(self) -> None:
         if self.keep not in KEEP:
             raise DynamicsError(f"keep must be one of {', '.join(KEEP)}", field="keep")
-        if self.samples < 1:
-            raise DynamicsError("samples must be >= 1", field="samples")
-        if self.shard_size < 1:
-            raise DynamicsError("shard_size must be >= 1", field="shard_size")
+        check_bounds(self, {"samples": 1, "shard_size": 1, "n_prompts": 1, "batch_size": 1, "max_new_tokens": 1},
+                     above={"temperature": 0, "top_p": 0})
+        if self.top_p > 1:
+            raise DynamicsError(f"top_p must be <= 1, got {self.top_p}", field="top_p")
         if self.steps is not None:
             step_range(self.steps)
 

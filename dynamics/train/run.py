@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -31,7 +32,7 @@ from typing import Any
 
 import torch
 
-from dynamics.errors import DynamicsError
+from dynamics.errors import DynamicsError, check_bounds
 from dynamics.store import (
     check_folder,
     file_hash,
@@ -115,6 +116,14 @@ def run_options_post_init(config: Any) -> None:
     parse_schedule(config.checkpoint_schedule, config.checkpoint_every)
     if config.lora_r < 0:
         raise DynamicsError("lora_r must be >= 0", field="lora_r")
+    check_bounds(config, {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 1, "eval_batch_size": 1,
+                          "eval_probe_tokens": 1, "checkpoint_every": 0, "eval_every": 0, "eval_n": 0,
+                          "learning_rate": 0})
+    if config.max_steps == 0 or config.max_steps < -1:
+        raise DynamicsError(f"max_steps must be >= 1 (or -1: num_train_epochs decides), got {config.max_steps}",
+                            field="max_steps")
+    if config.max_steps == -1 and not config.num_train_epochs > 0:
+        raise DynamicsError(f"num_train_epochs must be > 0, got {config.num_train_epochs}", field="num_train_epochs")
     if not torch.cuda.is_available():
         config.use_cpu = True  # CPU bf16 autocast, and gloo DDP under `accelerate launch --multi_gpu` / torchrun
 
@@ -124,9 +133,15 @@ def read_config_file(path: str | os.PathLike) -> dict:
     """A YAML or JSON mapping of option names (``-`` or ``_``) to values."""
     import yaml
 
+    class Loader(yaml.SafeLoader):
+        """PyYAML's YAML 1.1 reads ``1e-4`` (no dot) as a string; YAML 1.2 and JSON read a number."""
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                 re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789."))
     path = input_file(path, "config file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))  # YAML is a superset of JSON
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)  # YAML is a superset of JSON
     except yaml.YAMLError as e:
         raise DynamicsError(f"not valid YAML/JSON: {str(e).splitlines()[0]}", file=path) from None
     if data is None:
