@@ -36,7 +36,7 @@ from scipy import stats
 from dynamics.analyses import style
 from dynamics.analyses.loader import InfluenceSet, per_train_sample
 from dynamics.analyses.stats import CONFIDENCE, N_RESAMPLES, holm, mean_ci, two_sample
-from dynamics.errors import DynamicsError
+from dynamics.errors import DynamicsError, check_bounds
 from dynamics.store import atomic_path, file_hash, versions, write_json
 
 # measure -> (panel title, axis label with units)
@@ -69,8 +69,13 @@ class CompareConfig:
     step: int | None = None
     batch_size: int = 8
     alpha: float = 0.05
-    n_resamples: int = N_RESAMPLES
+    n_resamples: int = N_RESAMPLES  # 0: no bootstrap intervals
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_bounds(self, {"batch_size": 1, "n_resamples": 0}, above={"alpha": 0})
+        if self.alpha >= 1:
+            raise DynamicsError(f"alpha must be < 1, got {self.alpha}", field="alpha")
 
 
 @dataclass

@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 
 from dynamics.data import collate, encode_record, read_records, write_records
-from dynamics.errors import DynamicsError
+from dynamics.errors import DynamicsError, check_bounds
 from dynamics.models import LoadedModel
 from dynamics.store import check_file, make_folder, write_json
 
@@ -297,6 +297,9 @@ class ProbeBuildConfig:
     batch_size: int = 64  # generation: 64 short prompts a batch took 0.67x the time of 16 on 2 CPU cores
     limit: int | None = None  # score only the first N items (quick looks)
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_bounds(self, {"max_new_tokens": 1, "batch_size": 1, "limit": 1})
 
 
 def build_probes(config: ProbeBuildConfig, out: str | Path, lm: LoadedModel | None = None) -> dict:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from dynamics.errors import DynamicsError
+from dynamics.errors import DynamicsError, check_bounds
 from dynamics.influence import InfluenceConfig, compute
 from dynamics.store import atomic_path, check_file
 
@@ -51,6 +51,7 @@ class SelectConfig:
     def validate(self) -> None:
         if self.strategy not in STRATEGIES:
             raise DynamicsError(f"--strategy must be one of {', '.join(STRATEGIES)}", field="strategy")
+        check_bounds(self, {"samples": 1, "temperature": 0})  # temperature 0: greedy
         self.influence.validate()
 
 

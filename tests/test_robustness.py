@@ -257,10 +257,18 @@ def test_cli_rejects_bad_files_cleanly(tmp_path, main_in_process, monkeypatch):
      "num_generations"),
     (["train", "rft", "--model", "tiny-llama", "--n-prompts", "2", "--out", "{out}", "--temperature", "0"],
      "temperature"),
+    (["select", "--model", "tiny-llama", "--data", "{good}", "--probes", "{good}", "--out", "{out}/k.jsonl",
+      "--strategy", "simulate-rollouts", "--samples", "0"], "samples"),
+    (["compare", "--data", "{good}", "--data", "{tmp}/other.jsonl", "--out", "{out}", "--alpha", "1.5"], "alpha"),
+    (["compare", "--data", "{good}", "--data", "{tmp}/other.jsonl", "--out", "{out}", "--model", "tiny-llama",
+      "--batch-size", "0"], "batch_size"),
+    (["probes", "build", "--model", "tiny-llama", "--out", "{out}/p.jsonl", "--batch-size", "0"], "batch_size"),
+    (["probes", "build", "--model", "tiny-llama", "--out", "{out}/p.jsonl", "--limit", "-2"], "limit"),
 ])
 def test_cli_rejects_bad_specs_and_options(tmp_path, main_in_process, monkeypatch, args, must):
     monkeypatch.chdir(tmp_path)
     good = write_records(tmp_path / "good.jsonl", [GOOD, {**GOOD, "id": "b"}])
+    write_records(tmp_path / "other.jsonl", [GOOD])
     out = tmp_path / "out"
     args = [a.format(good=good, out=out, tmp=tmp_path) for a in args]
     assert_clean_error(*main_in_process(*args), "", must, out)
@@ -311,6 +319,29 @@ def test_cli_rejects_a_device_this_machine_lacks(tmp_path, main_in_process, monk
     for args in (["influence", "--ckpt", "tiny-llama", "--train", str(good), "--probes", str(good)],
                  ["eval", "--model", "tiny-llama", "--no-task", "--probes", str(good)]):
         assert_clean_error(*main_in_process(*args, "--out", str(out), "--device", device), "device", must, out)
+
+
+def test_bounds_admit_their_edge_values(tmp_path):
+    """The checks above reject only what is meaningless: each edge value that means something still builds."""
+    from dynamics.analyses.compare import CompareConfig
+    from dynamics.evaluate import EvalConfig
+    from dynamics.influence import InfluenceConfig, InfluenceRun
+    from dynamics.probes import ProbeBuildConfig
+    from dynamics.select import SelectConfig
+    from dynamics.train.rollouts import RolloutsConfig
+    from dynamics.train.run import load_config
+    from dynamics.train.sft import SFTRunConfig
+
+    RolloutsConfig(out="r.jsonl", temperature=0.0, top_p=1.0)  # greedy decoding
+    SelectConfig(data="d", probes="p", out="k.jsonl", temperature=0.0).validate()
+    CompareConfig(data=[], out=tmp_path, n_resamples=0)  # no bootstrap intervals
+    ProbeBuildConfig(limit=1, max_new_tokens=1, batch_size=1)
+    EvalConfig(max_new_tokens=None)
+    InfluenceRun(ckpts=[], train="t", probes="p", out=str(tmp_path), config=InfluenceConfig(max_memory_gb=0.0),
+                 shard_size=1, predict_check=0).validate()
+    cfg = load_config(SFTRunConfig, None, output_dir=str(tmp_path / "run"), max_steps=-1, num_train_epochs=0.5,
+                      learning_rate=0.0, checkpoint_every=0, eval_every=0, eval_n=0)
+    assert (cfg.max_steps, cfg.num_train_epochs, cfg.learning_rate) == (-1, 0.5, 0.0)
 
 
 def test_cli_rejects_undecodable_image_and_long_prompt(tmp_path, main_in_process, monkeypatch):

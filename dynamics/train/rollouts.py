@@ -60,8 +60,8 @@ class RolloutsConfig:
     def __post_init__(self) -> None:
         if self.keep not in KEEP:
             raise DynamicsError(f"keep must be one of {', '.join(KEEP)}", field="keep")
-        check_bounds(self, {"samples": 1, "shard_size": 1, "n_prompts": 1, "batch_size": 1, "max_new_tokens": 1},
-                     above={"temperature": 0, "top_p": 0})
+        check_bounds(self, {"samples": 1, "shard_size": 1, "n_prompts": 1, "batch_size": 1, "max_new_tokens": 1,
+                            "temperature": 0}, above={"top_p": 0})  # temperature 0: greedy
         if self.top_p > 1:
             raise DynamicsError(f"top_p must be <= 1, got {self.top_p}", field="top_p")
         if self.steps is not None:
