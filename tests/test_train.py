@@ -224,7 +224,7 @@ class Interrupt(TrainerCallback):
             raise KeyboardInterrupt
 
 
-def test_resume_reaches_the_uninterrupted_weights(tmp_path):
+def test_resume_reaches_the_uninterrupted_weights(tmp_path, capsys):
     recs = sums(16)
     full = train_sft(sft_config(tmp_path, "full", checkpoint_every=2), recs)
     with pytest.raises(KeyboardInterrupt):
@@ -245,6 +245,16 @@ def test_resume_reaches_the_uninterrupted_weights(tmp_path):
     assert losses == pytest.approx([r["loss"] for r in read_jsonl_rows(full.run / "metrics.jsonl")], rel=1e-6)
     m = json.loads((cut / "manifest.json").read_text())
     assert m["status"] == "completed" and m["resumes"][0]["from"] == "checkpoint-2"
+    assert m["resumes"][0]["changed"] == {}  # the same options: nothing to report
+    # extending a run with another learning rate: the manifest keeps only the latest config, so the resume
+    # entry records what changed, and the user is told
+    capsys.readouterr()
+    train_sft(sft_config(tmp_path, "cut", checkpoint_every=2, resume=True, max_steps=8, learning_rate=1e-3), recs)
+    m = json.loads((cut / "manifest.json").read_text())
+    assert m["resumes"][1]["changed"] == {"max_steps": [6, 8], "learning_rate": [3e-3, 1e-3]}
+    err = capsys.readouterr().err
+    assert "resuming from checkpoint-6 with changed options:" in err
+    assert "max_steps 6 -> 8" in err and "learning_rate 0.003 -> 0.001" in err
 
 
 def test_lora_adapter_checkpoint_is_read_by_load_model_influence_and_eval(tmp_path):

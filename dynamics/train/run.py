@@ -389,6 +389,13 @@ class TrainResult:
         return self.seconds / max(self.steps, 1)
 
 
+def changed_options(before: dict, after: dict) -> dict[str, list]:
+    """``{option: [before, after]}`` for the run options a resume changes (``resume`` / ``overwrite`` aside): the
+    manifest keeps only the latest config, so each resume entry records what it changed."""
+    return {k: [before.get(k), v] for k, v in after.items()
+            if k not in ("resume", "overwrite") and before.get(k) != v}
+
+
 def run_trainer(trainer: Any, config: Any, resume_from: Path | None, info: RunInfo) -> TrainResult:
     """Train with the run folder's manifest kept up to date (status running / completed / interrupted)."""
     run = Path(config.output_dir)
@@ -399,9 +406,15 @@ def run_trainer(trainer: Any, config: Any, resume_from: Path | None, info: RunIn
         if key in previous and previous[key] != value:
             raise DynamicsError(f"cannot resume: the run's {key} was {previous[key]!r}, now it is {value!r}",
                                 file=manifest_path, field=key)
+    resumes = previous.get("resumes", [])
+    if resume_from:
+        changed = changed_options(previous.get("config", {}), info.config)
+        resumes = resumes + [{"from": resume_from.name, "time": now(), "changed": changed}]
+        if changed:
+            print(f"{run}: resuming from {resume_from.name} with changed options: "
+                  + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()), file=sys.stderr)
     manifest = info.manifest(command=sys.argv, started=previous.get("started", now()), status="running",
-                             resumes=previous.get("resumes", []) + ([{"from": resume_from.name, "time": now()}]
-                                                                    if resume_from else []))
+                             resumes=resumes)
     if config.should_save:
         write_json(manifest_path, manifest)
     start_step = int(resume_from.name.split("-")[1]) if resume_from else 0
