@@ -46,6 +46,10 @@ MONITOR_DTYPE = typer.Option(None, "--monitor-dtype", help="The monitor's probe 
                              "(default: the gradients' dtype, bfloat16 where that would not fit its memory).")
 RESUME = typer.Option(False, "--resume", help="Continue the run in --out from its newest complete checkpoint.")
 OVERWRITE = typer.Option(False, "--overwrite", help="Delete the run in --out first.")
+# the flags whose names differ from the config fields they set (the others are ``--field-name``)
+FLAGS = {"output_dir": "--out", "num_train_epochs": "--epochs", "learning_rate": "--lr",
+         "per_device_train_batch_size": "--batch-size", "gradient_accumulation_steps": "--grad-accum",
+         "lora_r": "--lora", "num_generations": "--group-size", "max_completion_length": "--max-new-tokens"}
 
 
 def _finish(result: object) -> None:
@@ -106,7 +110,7 @@ def sft(
     from dynamics.train.sft import SFTRunConfig, train_sft
 
     cfg = load_config(
-        SFTRunConfig, config, output_dir=str(out), data=str(data) if data else None, model=model,
+        SFTRunConfig, config, FLAGS, output_dir=str(out), data=str(data) if data else None, model=model,
         max_steps=max_steps, num_train_epochs=epochs, learning_rate=lr, per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=grad_accum, seed=seed, bf16=bf16, lora_r=lora,
         checkpoint_every=checkpoint_every, checkpoint_schedule=checkpoint_schedule, optimizer_state=optimizer_state,
@@ -161,7 +165,7 @@ def rft(
     from dynamics.train.run import load_config
 
     cfg = load_config(
-        RFTRunConfig, config, output_dir=str(out), task=task, task_args=task_args,
+        RFTRunConfig, config, FLAGS, output_dir=str(out), task=task, task_args=task_args,
         data=str(data) if data else None, n_prompts=n_prompts, model=model, max_steps=max_steps,
         num_train_epochs=epochs, learning_rate=lr, prompts_per_step=prompts_per_step, num_generations=group_size,
         beta=beta, epsilon=epsilon, temperature=temperature, max_completion_length=max_new_tokens, seed=seed,

@@ -32,7 +32,9 @@ class DynamicsError(Exception):
         where = ""
         if self.file is not None:
             where = self.file + (f":{self.line}" if self.line is not None else "") + ": "
-        field = f"field '{self.field}': " if self.field else ""
+        field = ""
+        if self.field:  # a command-line option (``--name``) or a field of a record or config
+            field = f"option {self.field}: " if self.field.startswith("--") else f"field '{self.field}': "
         return f"{where}{field}{self.message}".replace("\n", " ")
 
 

@@ -246,17 +246,17 @@ def test_cli_rejects_bad_files_cleanly(tmp_path, main_in_process, monkeypatch):
     (["rollouts", "--model", "tiny-llama", "--data", "{good}", "--top-p", "1.5", "--out", "{out}/r.jsonl"], "top_p"),
     (["rollouts", "--model", "tiny-llama", "--data", "{good}", "--max-new-tokens", "0", "--out", "{out}/r.jsonl"],
      "max_new_tokens"),
-    (["train", "sft", "--model", "tiny-llama", "--data", "{good}", "--out", "{out}", "--lr", "nan"], "learning_rate"),
+    (["train", "sft", "--model", "tiny-llama", "--data", "{good}", "--out", "{out}", "--lr", "nan"], "option --lr: learning_rate"),
     (["train", "sft", "--model", "tiny-llama", "--data", "{good}", "--out", "{out}", "--grad-accum", "0"],
-     "gradient_accumulation_steps"),
+     "option --grad-accum: gradient_accumulation_steps"),
     (["train", "sft", "--model", "tiny-llama", "--data", "{good}", "--out", "{out}", "--max-steps", "-5"],
-     "max_steps"),
+     "option --max-steps"),
     (["train", "sft", "--model", "tiny-llama", "--data", "{good}", "--out", "{out}", "--epochs", "0"],
-     "num_train_epochs"),
+     "option --epochs: num_train_epochs"),
     (["train", "rft", "--model", "tiny-llama", "--n-prompts", "2", "--out", "{out}", "--group-size", "0"],
-     "num_generations"),
+     "option --group-size: num_generations"),
     (["train", "rft", "--model", "tiny-llama", "--n-prompts", "2", "--out", "{out}", "--temperature", "0"],
-     "temperature"),
+     "option --temperature"),
     (["select", "--model", "tiny-llama", "--data", "{good}", "--probes", "{good}", "--out", "{out}/k.jsonl",
       "--strategy", "simulate-rollouts", "--samples", "0"], "samples"),
     (["compare", "--data", "{good}", "--data", "{tmp}/other.jsonl", "--out", "{out}", "--alpha", "1.5"], "alpha"),
@@ -272,6 +272,22 @@ def test_cli_rejects_bad_specs_and_options(tmp_path, main_in_process, monkeypatc
     out = tmp_path / "out"
     args = [a.format(good=good, out=out, tmp=tmp_path) for a in args]
     assert_clean_error(*main_in_process(*args), "", must, out)
+
+
+def test_train_names_the_config_file_or_the_flag_a_bad_value_came_from(tmp_path, main_in_process, monkeypatch):
+    """A bad value from ``--config FILE`` names the file and its field; the same value from a flag names the flag,
+    not the file (flags override the file)."""
+    monkeypatch.chdir(tmp_path)
+    good = write_records(tmp_path / "good.jsonl", [GOOD])
+    config = tmp_path / "c.yaml"
+    config.write_text("learning_rate: -1\nper_device_train_batch_size: 2\n")
+    args = ["train", "sft", "--model", "tiny-llama", "--data", str(good), "--out", str(tmp_path / "out"), "--config",
+            str(config)]
+    assert_clean_error(*main_in_process(*args), "c.yaml: field 'learning_rate'", "must be >= 0, got -1",
+                       tmp_path / "out")
+    code, err = main_in_process(*args, "--lr", "1e-4", "--batch-size", "0")
+    assert_clean_error(code, err, "option --batch-size: per_device_train_batch_size", "got 0", tmp_path / "out")
+    assert "c.yaml" not in err
 
 
 def test_cli_names_a_file_or_folder_in_the_way_of_its_output(tmp_path, main_in_process, monkeypatch):

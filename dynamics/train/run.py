@@ -25,7 +25,7 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -151,20 +151,27 @@ def read_config_file(path: str | os.PathLike) -> dict:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
-def load_config(cls: type, path: str | os.PathLike | None = None, **overrides: Any) -> Any:
+def load_config(cls: type, path: str | os.PathLike | None = None, flags: Mapping[str, str] | None = None,
+                **overrides: Any) -> Any:
     """Build a run config from an optional config file, then ``overrides`` that are not None (CLI flags).
 
-    Every field of ``cls`` -- all of TRL's and transformers' training options -- can be set in the file.
+    Every field of ``cls`` -- all of TRL's and transformers' training options -- can be set in the file. A bad
+    value is reported where it came from: the file and its field, or the override (given ``flags``, the CLI's
+    flag that set it: ``flags`` maps a field to its flag where the two names differ, else ``--field-name``).
     """
     values = read_config_file(path) if path else {}
     names = {f.name for f in fields(cls) if f.init}
     for key in values:
         if key not in names:
             raise DynamicsError(f"unknown option {key!r} for {cls.__name__}", file=path, field=key)
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    values.update(given)
     try:
         return cls(**values)
     except DynamicsError as e:
+        if e.field in given:  # set by an override, not by the file
+            flag = e.field if flags is None else flags.get(e.field, "--" + e.field.replace("_", "-"))
+            raise DynamicsError(e.message, field=flag) from None
         raise DynamicsError(e.message, file=path, field=e.field) from None
     except (ValueError, TypeError) as e:
         raise DynamicsError(str(e).splitlines()[0], file=path) from None
