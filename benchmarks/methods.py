@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import re
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from unittest.mock import patch
@@ -28,8 +27,6 @@ from dynamics.data import Encoded, collate
 from dynamics.gradients import scope_parameters
 from dynamics.influence import InfluenceConfig, encode_all, features
 from dynamics.models import LoadedModel
-
-Kernel = Callable[..., Tensor]
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -168,13 +165,3 @@ def floor(lm: LoadedModel, inputs: Inputs, *, batch_size: int = 8, **_: object) 
     from benchmarks.influence_core import standard_forward_backward
 
     standard_forward_backward(lm, inputs.train_records + inputs.probe_records, batch_size)
-
-
-def timed(fn: Kernel, *args: object, **kwargs: object) -> tuple[float, Tensor]:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0, out

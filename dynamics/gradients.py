@@ -87,13 +87,6 @@ def gram(f: Factor, g: Factor) -> Tensor:
     return picked * (g.ids >= 0)[None, :, None, :]
 
 
-def diag_gram(f: Factor) -> Tensor:
-    """Per-sample Gram ``(B, T, T)`` of a factor with itself."""
-    if f.dense is not None:
-        return torch.einsum("btd,bsd->bts", f.dense, f.dense)
-    return (f.ids[:, :, None] == f.ids[:, None, :]) & (f.ids >= 0)[:, :, None]
-
-
 def diag_cross_gram(f: Factor, g: Factor) -> Tensor:
     """Per-sample Gram ``(B, T_f, T_g)`` between two factors of the same batch."""
     if f.dense is not None and g.dense is not None:

@@ -74,10 +74,6 @@ def _registry() -> dict[str, Callable[..., Task]]:
     return {"jigsaw": jigsaw.make_task}
 
 
-def task_names() -> list[str]:
-    return sorted(_registry())
-
-
 def get_task(name: str, **task_args: Any) -> Task:
     """The task called ``name`` configured by ``task_args`` (see e.g. :class:`dynamics.tasks.jigsaw.JigsawConfig`)."""
     registry = _registry()
