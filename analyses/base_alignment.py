@@ -54,7 +54,7 @@ def samples_of(study: Study) -> tuple[pd.DataFrame, str]:
 def claims_of(samples: pd.DataFrame) -> list[Claim]:
     rep = style.representatives(samples["label"].unique())
     claims = []
-    for src, short in (("RFT", "rft"), ("SFT on rollouts", "rollouts")):
+    for src, short in style.COMPARED_WITH_SFT:
         claim = Claim(f"{short}_closer_to_base", f"{src} data are more likely under the base model than SFT data",
                       f"difference of mean per-token log p under the base model (nats/token), {src} − SFT", ">")
         a, b = rep.get(src), rep.get("SFT")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pandas as pd
 
 from dynamics.analyses import style
+from dynamics.analyses.influence_magnitude import against_sft
 from dynamics.analyses.loader import Study, common_step
 from dynamics.analyses.stats import Claim, Finding, diff_ci, mean_table
 
@@ -24,23 +25,16 @@ def needs(study: Study) -> str | None:
 
 
 def claims_of(at: pd.DataFrame, where: str) -> list[Claim]:
-    rep = style.representatives(at["label"].unique())
     claims = []
-    for src, short in (("RFT", "rft"), ("SFT on rollouts", "rollouts")):
+    for src, short in style.COMPARED_WITH_SFT:
         for col, noun, expected in (("mean_cosine", "mean cosine with probe gradients", ">"),
                                     ("frac_negative", "fraction of probes pushed down (cosine < 0)", "<")):
             word = "better aligned with prior knowledge" if col == "mean_cosine" else "in conflict with fewer probes"
-            claim = Claim(f"{short}_{'aligned' if col == 'mean_cosine' else 'fewer_conflicts'}",
-                          f"{src} training samples are {word} than SFT's",
-                          f"difference of the means of the per-sample {noun} {where}, {src} − SFT",
-                          expected)  # type: ignore[arg-type]
-            a, b = rep.get(src), rep.get("SFT")
-            if a and b:
-                claim.estimate, claim.ci = diff_ci(at.loc[at["label"] == a, col], at.loc[at["label"] == b, col])
-                claim.detail = f"bootstrap over training samples ({style.display(a)} vs {style.display(b)})"
-            else:
-                claim.detail = f"needs influence of both {src} and SFT data"
-            claims.append(claim)
+            claims.append(against_sft(Claim(
+                f"{short}_{'aligned' if col == 'mean_cosine' else 'fewer_conflicts'}",
+                f"{src} training samples are {word} than SFT's",
+                f"difference of the means of the per-sample {noun} {where}, {src} − SFT",
+                expected), at, col, src, diff_ci))  # type: ignore[arg-type]
     return claims
 
 

@@ -10,6 +10,8 @@ source shares (normally the base model). The figure also follows the means over 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pandas as pd
 
 from dynamics.analyses import style
@@ -29,21 +31,27 @@ def needs(study: Study) -> str | None:
 def ratio_claims(at: pd.DataFrame, where: str, measures: dict[str, tuple[str, str]], key: str, adjective: str,
                  expected: str = "<") -> list[Claim]:
     """RFT and SFT on rollouts against SFT: the ratio of the means of each measure, with its interval."""
-    rep = style.representatives(at["label"].unique())
     claims = []
-    for src, short in (("RFT", "rft"), ("SFT on rollouts", "rollouts")):
+    for src, short in style.COMPARED_WITH_SFT:
         for col, (noun, detail) in measures.items():
-            claim = Claim(f"{short}_{key}_{col}", f"{src} training samples have a {adjective} {noun} than SFT's",
-                          f"ratio of the means of the {noun} ({detail}) {where}, {src} / SFT", expected,
-                          null=1.0)  # type: ignore[arg-type]
-            a, b = rep.get(src), rep.get("SFT")
-            if a and b:
-                claim.estimate, claim.ci = ratio_ci(at.loc[at["label"] == a, col], at.loc[at["label"] == b, col])
-                claim.detail = f"bootstrap over training samples ({style.display(a)} vs {style.display(b)})"
-            else:
-                claim.detail = f"needs influence of both {src} and SFT data"
-            claims.append(claim)
+            claims.append(against_sft(Claim(
+                f"{short}_{key}_{col}", f"{src} training samples have a {adjective} {noun} than SFT's",
+                f"ratio of the means of the {noun} ({detail}) {where}, {src} / SFT", expected,  # type: ignore[arg-type]
+                null=1.0), at, col, src, ratio_ci))
     return claims
+
+
+def against_sft(claim: Claim, at: pd.DataFrame, col: str, src: str, interval: Callable) -> Claim:
+    """Set ``claim``'s estimate and interval to ``interval(x, y)`` of column ``col`` over the training samples of
+    source ``src`` (x) and of SFT (y), each source's representative label in ``at``; say so in its detail."""
+    rep = style.representatives(at["label"].unique())
+    a, b = rep.get(src), rep.get("SFT")
+    if a and b:
+        claim.estimate, claim.ci = interval(at.loc[at["label"] == a, col], at.loc[at["label"] == b, col])
+        claim.detail = f"bootstrap over training samples ({style.display(a)} vs {style.display(b)})"
+    else:
+        claim.detail = f"needs influence of both {src} and SFT data"
+    return claim
 
 
 def analyse(study: Study) -> Finding:

@@ -30,6 +30,7 @@ OKABE_ITO = {"orange": "#E69F00", "sky blue": "#56B4E9", "bluish green": "#009E7
 SOURCE_COLORS = {"SFT": OKABE_ITO["vermillion"], "RFT": OKABE_ITO["blue"],
                  "SFT on rollouts": OKABE_ITO["bluish green"], "base": "#6E6E6E"}
 SOURCE_ORDER = ("SFT", "RFT", "SFT on rollouts", "base")
+COMPARED_WITH_SFT = (("RFT", "rft"), ("SFT on rollouts", "rollouts"))  # the claims' sources and their keys
 OTHER_COLORS = (OKABE_ITO["orange"], OKABE_ITO["reddish purple"], OKABE_ITO["sky blue"], OKABE_ITO["black"],
                 OKABE_ITO["yellow"])
 LINESTYLES = ("-", "--", ":", "-.")
