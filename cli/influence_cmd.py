@@ -28,7 +28,7 @@ def influence(
     dtype: str = typer.Option("float32", "--dtype", help="float32 | float64 | bfloat16."),
     products: str = typer.Option("float32", "--products",
                                  help="A bf16 model's products: float32 | model (its own dtype: faster, half the store)."),
-    max_memory: float | None = typer.Option(None, "--max-memory", help="Probe-store memory budget in GiB."),
+    max_memory_gb: float | None = typer.Option(None, "--max-memory", help="Probe-store memory budget in GiB."),
     per_token: bool = typer.Option(False, "--per-token", help="Also write influence_tokens.parquet."),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda."),
     shard_size: int = typer.Option(256, "--shard-size", help="Training samples per resumable shard."),
@@ -45,7 +45,7 @@ def influence(
         ckpts=list(ckpt), train=str(train), probes=str(probes), out=str(out),
         config=InfluenceConfig(params=params, reduce=reduce, batch_size=batch_size, mode=mode, proj_dim=proj_dim,
                                projection=projection, contraction=contraction, target=target, tokens=tokens, dtype=dtype,
-                               products=products, max_memory_gb=max_memory, per_token=per_token, device=device),
+                               products=products, max_memory_gb=max_memory_gb, per_token=per_token, device=device),
         shard_size=shard_size, resume=resume, features_dir=None if features is None else str(features),
         predict_check=predict_check, lr=lr,
     )

@@ -9,6 +9,9 @@ import pkgutil
 import sys
 import warnings
 
+import typer
+from typer.core import TyperGroup
+
 import dynamics.cli
 from dynamics.cli.app import app
 from dynamics.errors import DynamicsError
@@ -18,6 +21,24 @@ from dynamics.runtime import tune_cpu_allocator
 for _mod in pkgutil.iter_modules(dynamics.cli.__path__):
     if _mod.name.endswith("_cmd"):
         importlib.import_module(f"dynamics.cli.{_mod.name}")
+
+
+def from_the_command_line(error: DynamicsError, argv: list[str]) -> DynamicsError:
+    """``error`` about a config field that an option of the invoked command set on the command line, reported
+    against that option (``option --max-memory: ...``); any other error (about a file, or a value that came from a
+    default or a config file) as it is. The commands' parameters are named as the config fields they set."""
+    if error.file is not None or not error.field or error.field.startswith("--"):
+        return error
+    command, args = typer.main.get_command(app), list(argv)
+    while isinstance(command, TyperGroup) and args:  # the groups (data, probes, train) take no options
+        command, args = command.get_command(typer.Context(command), args[0]), args[1:]
+    if command is None or isinstance(command, TyperGroup):
+        return error
+    ctx = command.make_context("dynamics", args, resilient_parsing=True)
+    for param in command.params:
+        if param.name == error.field and ctx.get_parameter_source(param.name).name == "COMMANDLINE":
+            return DynamicsError(error.message, field=next(o for o in param.opts if o.startswith("--")))
+    return error
 
 
 def main() -> None:
@@ -32,7 +53,7 @@ def main() -> None:
     try:
         app()
     except DynamicsError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {from_the_command_line(e, sys.argv[1:])}", file=sys.stderr)
         sys.exit(2)
 
 

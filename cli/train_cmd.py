@@ -7,6 +7,7 @@ below override the file. Multi-process: ``accelerate launch --num_processes N -m
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -46,10 +47,17 @@ MONITOR_DTYPE = typer.Option(None, "--monitor-dtype", help="The monitor's probe 
                              "(default: the gradients' dtype, bfloat16 where that would not fit its memory).")
 RESUME = typer.Option(False, "--resume", help="Continue the run in --out from its newest complete checkpoint.")
 OVERWRITE = typer.Option(False, "--overwrite", help="Delete the run in --out first.")
-# the flags whose names differ from the config fields they set (the others are ``--field-name``)
-FLAGS = {"output_dir": "--out", "num_train_epochs": "--epochs", "learning_rate": "--lr",
-         "per_device_train_batch_size": "--batch-size", "gradient_accumulation_steps": "--grad-accum",
-         "lora_r": "--lora", "num_generations": "--group-size", "max_completion_length": "--max-new-tokens"}
+
+
+def _run_config(cls: type, options: dict[str, Any]) -> Any:
+    """The run config from ``--config`` and a command's options, which are named as the config's fields (so an
+    error about a field names its flag); paths become strings, and an unset switch leaves the file's value."""
+    from dynamics.train.run import load_config
+
+    options = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
+    options["resume"] = options["resume"] or None
+    options["overwrite"] = options["overwrite"] or None
+    return load_config(cls, options.pop("config"), **options)
 
 
 def _finish(result: object) -> None:
@@ -75,19 +83,20 @@ def _finish(result: object) -> None:
 
 @train_app.command("sft")
 def sft(
-    out: Path = OUT,
+    output_dir: Path = OUT,
     data: Path | None = typer.Option(None, "--data", help="Training records (.jsonl/.parquet): gold answers, "
                                      "or rollouts from `dynamics rollouts`."),
     model: str | None = MODEL,
     config: Path | None = CONFIG,
     max_steps: int | None = MAX_STEPS,
-    epochs: float | None = EPOCHS,
-    lr: float | None = LR,
-    batch_size: int | None = typer.Option(None, "--batch-size", help="Records per step and process (default 8)."),
-    grad_accum: int | None = typer.Option(None, "--grad-accum", help="Gradient accumulation steps."),
+    num_train_epochs: float | None = EPOCHS,
+    learning_rate: float | None = LR,
+    per_device_train_batch_size: int | None = typer.Option(None, "--batch-size",
+                                                           help="Records per step and process (default 8)."),
+    gradient_accumulation_steps: int | None = typer.Option(None, "--grad-accum", help="Gradient accumulation steps."),
     seed: int | None = SEED,
     bf16: bool | None = BF16,
-    lora: int | None = LORA,
+    lora_r: int | None = LORA,
     checkpoint_every: int | None = EVERY,
     checkpoint_schedule: str | None = SCHEDULE,
     optimizer_state: str | None = OPTIMIZER,
@@ -106,25 +115,15 @@ def sft(
     overwrite: bool = OVERWRITE,
 ) -> None:
     """Supervised fine-tuning on prompt/completion records (completion tokens only, the project's tokenization)."""
-    from dynamics.train.run import load_config
+    options = dict(locals())
     from dynamics.train.sft import SFTRunConfig, train_sft
 
-    cfg = load_config(
-        SFTRunConfig, config, FLAGS, output_dir=str(out), data=str(data) if data else None, model=model,
-        max_steps=max_steps, num_train_epochs=epochs, learning_rate=lr, per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=grad_accum, seed=seed, bf16=bf16, lora_r=lora,
-        checkpoint_every=checkpoint_every, checkpoint_schedule=checkpoint_schedule, optimizer_state=optimizer_state,
-        eval_every=eval_every, eval_task=eval_task, eval_task_args=eval_task_args,
-        eval_data=str(eval_data) if eval_data else None, eval_n=eval_n, probes=str(probes) if probes else None,
-        monitor=str(monitor) if monitor else None, monitor_refresh=monitor_refresh, monitor_params=monitor_params,
-        monitor_max_memory=monitor_max_memory, monitor_dtype=monitor_dtype,
-        resume=resume or None, overwrite=overwrite or None)
-    _finish(train_sft(cfg))
+    _finish(train_sft(_run_config(SFTRunConfig, options)))
 
 
 @train_app.command("rft")
 def rft(
-    out: Path = OUT,
+    output_dir: Path = OUT,
     task: str | None = typer.Option(None, "--task", help="Task whose rewards are optimised (default jigsaw)."),
     task_args: str | None = typer.Option(None, "--task-args", help="Task options, e.g. grid=2x2,form=text."),
     data: Path | None = typer.Option(None, "--data", help="Prompt records with answers (default: built by the "
@@ -133,18 +132,18 @@ def rft(
     model: str | None = MODEL,
     config: Path | None = CONFIG,
     max_steps: int | None = MAX_STEPS,
-    epochs: float | None = EPOCHS,
-    lr: float | None = LR,
+    num_train_epochs: float | None = EPOCHS,
+    learning_rate: float | None = LR,
     prompts_per_step: int | None = typer.Option(None, "--prompts-per-step", help="Prompts per step, split over the processes (default 2)."),
-    group_size: int | None = typer.Option(None, "--group-size", help="Completions per prompt, G (default 8)."),
+    num_generations: int | None = typer.Option(None, "--group-size", help="Completions per prompt, G (default 8)."),
     beta: float | None = typer.Option(None, "--beta", help="KL coefficient to the initial model (default 0)."),
     epsilon: float | None = typer.Option(None, "--epsilon", help="PPO clip range ε (default 0.2)."),
     temperature: float | None = typer.Option(None, "--temperature", help="Sampling temperature (default 1)."),
-    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Completion budget (default: the "
-                                              "task's)."),
+    max_completion_length: int | None = typer.Option(None, "--max-new-tokens", help="Completion budget (default: "
+                                                     "the task's)."),
     seed: int | None = SEED,
     bf16: bool | None = BF16,
-    lora: int | None = LORA,
+    lora_r: int | None = LORA,
     checkpoint_every: int | None = EVERY,
     checkpoint_schedule: str | None = SCHEDULE,
     optimizer_state: str | None = OPTIMIZER,
@@ -161,18 +160,7 @@ def rft(
     overwrite: bool = OVERWRITE,
 ) -> None:
     """Reinforcement fine-tuning with GRPO on a task's rewards; every rollout is logged to RUN/rollouts.jsonl."""
+    options = dict(locals())
     from dynamics.train.rft import RFTRunConfig, train_rft
-    from dynamics.train.run import load_config
 
-    cfg = load_config(
-        RFTRunConfig, config, FLAGS, output_dir=str(out), task=task, task_args=task_args,
-        data=str(data) if data else None, n_prompts=n_prompts, model=model, max_steps=max_steps,
-        num_train_epochs=epochs, learning_rate=lr, prompts_per_step=prompts_per_step, num_generations=group_size,
-        beta=beta, epsilon=epsilon, temperature=temperature, max_completion_length=max_new_tokens, seed=seed,
-        bf16=bf16, lora_r=lora, checkpoint_every=checkpoint_every, checkpoint_schedule=checkpoint_schedule,
-        optimizer_state=optimizer_state, eval_every=eval_every, eval_n=eval_n,
-        eval_data=str(eval_data) if eval_data else None, probes=str(probes) if probes else None,
-        monitor=str(monitor) if monitor else None, monitor_refresh=monitor_refresh, monitor_params=monitor_params,
-        monitor_max_memory=monitor_max_memory, monitor_dtype=monitor_dtype,
-        resume=resume or None, overwrite=overwrite or None)
-    _finish(train_rft(cfg))
+    _finish(train_rft(_run_config(RFTRunConfig, options)))

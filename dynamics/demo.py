@@ -135,7 +135,7 @@ class DemoConfig:
         plan = self.plan or PLANS[name]
         if self.seeds is not None:
             if self.seeds < 1:
-                raise DynamicsError("--seeds must be >= 1", field="seeds")
+                raise DynamicsError("seeds must be >= 1", field="seeds")
             plan = replace(plan, seeds=self.seeds)
         if self.base_rollouts:
             plan = replace(plan, base_rollouts=True)

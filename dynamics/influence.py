@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import re
 import time
@@ -50,7 +49,7 @@ import torch
 from torch import Tensor
 
 from dynamics.data import Encoded, collate, context_length, encode_record
-from dynamics.errors import DynamicsError
+from dynamics.errors import DynamicsError, check_bounds
 from dynamics.gradients import (
     BYTE_COST,
     LOWRANK_KINDS,
@@ -101,26 +100,23 @@ class InfluenceConfig:
 
     def validate(self) -> None:
         if self.reduce not in ("sum", "mean"):
-            raise DynamicsError(f"--reduce must be sum or mean, got {self.reduce!r}", field="reduce")
+            raise DynamicsError(f"reduce must be sum or mean, got {self.reduce!r}", field="reduce")
         if self.mode not in ("exact", "projected"):
-            raise DynamicsError(f"--mode must be exact or projected, got {self.mode!r}", field="mode")
+            raise DynamicsError(f"mode must be exact or projected, got {self.mode!r}", field="mode")
         if self.projection not in ("kron", "jl"):
-            raise DynamicsError(f"--projection must be kron or jl, got {self.projection!r}", field="projection")
+            raise DynamicsError(f"projection must be kron or jl, got {self.projection!r}", field="projection")
         if self.target not in ("base", "gold"):
-            raise DynamicsError(f"--target must be base or gold, got {self.target!r}", field="target")
-        if self.batch_size < 1 or self.proj_dim < 1:
-            raise DynamicsError("--batch-size and --proj-dim must be positive", field="batch_size")
+            raise DynamicsError(f"target must be base or gold, got {self.target!r}", field="target")
+        check_bounds(self, {"batch_size": 1, "proj_dim": 1, "max_memory_gb": 0})
         if self.tokens not in ("all", "content"):
-            raise DynamicsError(f"--tokens must be all or content, got {self.tokens!r}", field="tokens")
+            raise DynamicsError(f"tokens must be all or content, got {self.tokens!r}", field="tokens")
         if self.contraction not in ("auto", "ghost", "dense"):
-            raise DynamicsError(f"--contraction must be auto, ghost or dense, got {self.contraction!r}",
+            raise DynamicsError(f"contraction must be auto, ghost or dense, got {self.contraction!r}",
                                 field="contraction")
         if self.products not in ("float32", "model"):
-            raise DynamicsError(f"--products must be float32 or model, got {self.products!r}", field="products")
+            raise DynamicsError(f"products must be float32 or model, got {self.products!r}", field="products")
         if self.per_token and self.mode != "exact":
-            raise DynamicsError("--per-token needs --mode exact", field="per_token")
-        if self.max_memory_gb is not None and not self.max_memory_gb >= 0:
-            raise DynamicsError(f"--max-memory must be >= 0 GiB, got {self.max_memory_gb}", field="max_memory")
+            raise DynamicsError(f"per_token needs mode exact, got {self.mode!r}", field="per_token")
         check_device(self.device)
 
 
@@ -906,12 +902,7 @@ class InfluenceRun:
 
     def validate(self) -> None:
         self.config.validate()
-        if self.shard_size < 1:
-            raise DynamicsError(f"--shard-size must be >= 1, got {self.shard_size}", field="shard_size")
-        if self.predict_check < 0:
-            raise DynamicsError(f"--predict-check must be >= 0, got {self.predict_check}", field="predict_check")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise DynamicsError(f"--lr must be a positive number, got {self.lr}", field="lr")
+        check_bounds(self, {"shard_size": 1, "predict_check": 0}, above={"lr": 0})
         check_folder(self.out)
 
 
@@ -1096,7 +1087,7 @@ def run_job(job: InfluenceRun, launcher: str = "none", nproc: int = 2) -> Path |
         distributed.relaunch(job, nproc)
         return Path(job.out) / "influence.parquet"
     if launcher != "none":
-        raise DynamicsError(f"--launcher must be none or torchrun, got {launcher!r}", field="launcher")
+        raise DynamicsError(f"launcher must be none or torchrun, got {launcher!r}", field="launcher")
     rank, world = distributed.init(job.config.device)
     if world > 1 and job.config.device.startswith("cuda"):
         job.config.device = f"cuda:{distributed.local_rank()}"

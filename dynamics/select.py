@@ -50,7 +50,7 @@ class SelectConfig:
 
     def validate(self) -> None:
         if self.strategy not in STRATEGIES:
-            raise DynamicsError(f"--strategy must be one of {', '.join(STRATEGIES)}", field="strategy")
+            raise DynamicsError(f"strategy must be one of {', '.join(STRATEGIES)}", field="strategy")
         check_bounds(self, {"samples": 1, "temperature": 0})  # temperature 0: greedy
         self.influence.validate()
 

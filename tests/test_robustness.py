@@ -226,26 +226,32 @@ def test_cli_rejects_bad_files_cleanly(tmp_path, main_in_process, monkeypatch):
     (["influence", "--ckpt", "{tmp}/missing-ckpt", "--train", "{good}", "--probes", "{good}", "--out", "{out}"],
      "missing-ckpt"),
     (["influence", "--ckpt", "tiny-llama", "--train", "{good}", "--probes", "{good}", "--out", "{out}",
-      "--reduce", "median"], "reduce"),
+      "--reduce", "median"], "option --reduce: reduce must be sum or mean, got 'median'"),
     (["influence", "--ckpt", "tiny-llama", "--train", "{good}", "--probes", "{good}", "--out", "{out}",
-      "--launcher", "slurm"], "launcher"),
+      "--launcher", "slurm"], "option --launcher: launcher must be"),
     (["eval", "--model", "{tmp}/missing-ckpt", "--no-task", "--probes", "{good}", "--out", "{out}"], "missing-ckpt"),
     (["train", "sft", "--model", "no-such-model-xyz", "--data", "{good}", "--out", "{out}"], "no-such-model-xyz"),
-    (["rollouts", "--model", "tiny-llama", "--data", "{good}", "--keep", "some", "--out", "{out}/r.jsonl"], "keep"),
+    (["rollouts", "--model", "tiny-llama", "--data", "{good}", "--keep", "some", "--out", "{out}/r.jsonl"],
+     "option --keep: keep must be one of"),
     (["rollouts", "--model", "tiny-llama", "--data", "{good}", "--samples", "0", "--out", "{out}/r.jsonl"],
-     "samples"),
+     "option --samples: samples"),
     # numbers out of range: each named before any work, never a traceback from torch, transformers or TRL
     (["influence", "--ckpt", "tiny-llama", "--train", "{good}", "--probes", "{good}", "--out", "{out}",
-      "--shard-size", "0"], "shard_size"),
+      "--shard-size", "0"], "option --shard-size: shard_size must be >= 1, got 0"),
     (["influence", "--ckpt", "tiny-llama", "--train", "{good}", "--probes", "{good}", "--out", "{out}",
-      "--max-memory", "-1"], "max_memory"),
+      "--max-memory", "-1"], "option --max-memory: max_memory_gb must be >= 0"),
     (["influence", "--ckpt", "tiny-llama", "--train", "{good}", "--probes", "{good}", "--out", "{out}",
-      "--predict-check", "1", "--lr", "nan"], "field 'lr'"),
+      "--predict-check", "1", "--lr", "nan"], "option --lr: lr must be > 0, got nan"),
+    (["influence", "--ckpt", "tiny-llama", "--train", "{good}", "--probes", "{good}", "--out", "{out}",
+      "--proj-dim", "0"], "option --proj-dim: proj_dim must be >= 1"),
+    (["influence", "--ckpt", "tiny-llama", "--train", "{good}", "--probes", "{good}", "--out", "{out}",
+      "--mode", "projected", "--per-token"], "option --per-token: per_token needs mode exact, got 'projected'"),
     (["eval", "--model", "tiny-llama", "--no-task", "--probes", "{good}", "--out", "{out}", "--batch-size", "0"],
-     "batch_size"),
-    (["rollouts", "--model", "tiny-llama", "--data", "{good}", "--top-p", "1.5", "--out", "{out}/r.jsonl"], "top_p"),
+     "option --batch-size: batch_size"),
+    (["rollouts", "--model", "tiny-llama", "--data", "{good}", "--top-p", "1.5", "--out", "{out}/r.jsonl"],
+     "option --top-p: top_p"),
     (["rollouts", "--model", "tiny-llama", "--data", "{good}", "--max-new-tokens", "0", "--out", "{out}/r.jsonl"],
-     "max_new_tokens"),
+     "option --max-new-tokens: max_new_tokens"),
     (["train", "sft", "--model", "tiny-llama", "--data", "{good}", "--out", "{out}", "--lr", "nan"], "option --lr: learning_rate"),
     (["train", "sft", "--model", "tiny-llama", "--data", "{good}", "--out", "{out}", "--grad-accum", "0"],
      "option --grad-accum: gradient_accumulation_steps"),
@@ -257,13 +263,24 @@ def test_cli_rejects_bad_files_cleanly(tmp_path, main_in_process, monkeypatch):
      "option --group-size: num_generations"),
     (["train", "rft", "--model", "tiny-llama", "--n-prompts", "2", "--out", "{out}", "--temperature", "0"],
      "option --temperature"),
+    # the monitor's options, checked before the run folder is made
+    (["train", "sft", "--model", "tiny-llama", "--data", "{good}", "--out", "{out}", "--monitor", "{good}",
+      "--monitor-dtype", "fp8"], "option --monitor-dtype: monitor_dtype must be auto, float32 or bfloat16, got 'fp8'"),
+    (["train", "rft", "--model", "tiny-llama", "--n-prompts", "2", "--out", "{out}", "--monitor", "{good}",
+      "--monitor-refresh", "0"], "option --monitor-refresh: monitor_refresh must be >= 1, got 0"),
+    (["train", "sft", "--model", "tiny-llama", "--data", "{good}", "--out", "{out}", "--monitor", "{good}",
+      "--monitor-params", "nomatch", "--max-steps", "1"], "option --monitor-params: no parameter name matches"),
     (["select", "--model", "tiny-llama", "--data", "{good}", "--probes", "{good}", "--out", "{out}/k.jsonl",
-      "--strategy", "simulate-rollouts", "--samples", "0"], "samples"),
-    (["compare", "--data", "{good}", "--data", "{tmp}/other.jsonl", "--out", "{out}", "--alpha", "1.5"], "alpha"),
+      "--strategy", "simulate-rollouts", "--samples", "0"], "option --samples: samples"),
+    (["select", "--model", "tiny-llama", "--data", "{good}", "--probes", "{good}", "--out", "{out}/k.jsonl",
+      "--strategy", "best"], "option --strategy: strategy must be one of"),
+    (["compare", "--data", "{good}", "--data", "{tmp}/other.jsonl", "--out", "{out}", "--alpha", "1.5"],
+     "option --alpha: alpha"),
     (["compare", "--data", "{good}", "--data", "{tmp}/other.jsonl", "--out", "{out}", "--model", "tiny-llama",
-      "--batch-size", "0"], "batch_size"),
-    (["probes", "build", "--model", "tiny-llama", "--out", "{out}/p.jsonl", "--batch-size", "0"], "batch_size"),
-    (["probes", "build", "--model", "tiny-llama", "--out", "{out}/p.jsonl", "--limit", "-2"], "limit"),
+      "--batch-size", "0"], "option --batch-size: batch_size"),
+    (["probes", "build", "--model", "tiny-llama", "--out", "{out}/p.jsonl", "--batch-size", "0"],
+     "option --batch-size: batch_size"),
+    (["probes", "build", "--model", "tiny-llama", "--out", "{out}/p.jsonl", "--limit", "-2"], "option --limit: limit"),
 ])
 def test_cli_rejects_bad_specs_and_options(tmp_path, main_in_process, monkeypatch, args, must):
     monkeypatch.chdir(tmp_path)
@@ -288,6 +305,44 @@ def test_train_names_the_config_file_or_the_flag_a_bad_value_came_from(tmp_path,
     code, err = main_in_process(*args, "--lr", "1e-4", "--batch-size", "0")
     assert_clean_error(code, err, "option --batch-size: per_device_train_batch_size", "got 0", tmp_path / "out")
     assert "c.yaml" not in err
+    config.write_text("monitor_dtype: fp8\n")  # the monitor's options too, before the run folder is made
+    code, err = main_in_process(*args, "--monitor", str(good))
+    assert_clean_error(code, err, "c.yaml: field 'monitor_dtype'", "got 'fp8'", tmp_path / "out")
+    assert "option" not in err
+
+
+def test_cli_names_an_option_only_where_the_command_line_set_it():
+    """An error about a config field is reported against the invoked command's option of that name when the
+    command line gave it; a value from a default, a file, or a field no option sets keeps the field's name."""
+    from dynamics.cli.main import from_the_command_line
+    from dynamics.errors import DynamicsError
+
+    def shown(argv: list[str], **error: str) -> str:
+        return str(from_the_command_line(DynamicsError("bad", **error), argv))
+
+    influence = ["influence", "--ckpt", "m", "--train", "t.jsonl", "--probes", "p.jsonl", "--out", "o"]
+    assert shown(influence + ["--batch-size", "0"], field="batch_size") == "option --batch-size: bad"
+    assert shown(influence + ["--max-memory", "-1"], field="max_memory_gb") == "option --max-memory: bad"
+    assert shown(influence, field="batch_size") == "field 'batch_size': bad"  # the default
+    assert shown(influence + ["--batch-size", "0"], field="batch_size", file="t.jsonl") == "t.jsonl: field 'batch_size': bad"
+    assert shown(influence, field="completion") == "field 'completion': bad"
+    assert shown(["train", "rft", "--out", "o", "--group-size", "1"], field="num_generations") == \
+        "option --group-size: bad"
+    assert shown(["train", "sft", "--out", "o", "--group-size", "1"], field="num_generations") == \
+        "field 'num_generations': bad"  # sft has no such option
+    assert shown(["no-such-command", "--n", "0"], field="n") == "field 'n': bad"
+
+
+def test_train_options_are_named_as_the_run_config_fields(cli_params):
+    """`train` hands its options to the run config by name, and an error about a field names the option of that
+    name: so every option of `train sft|rft` (but --config) is a field of its run config."""
+    from dataclasses import fields
+
+    from dynamics.train.rft import RFTRunConfig
+    from dynamics.train.sft import SFTRunConfig
+
+    for kind, cls in (("sft", SFTRunConfig), ("rft", RFTRunConfig)):
+        assert set(cli_params("train", kind)) - {"config"} <= {f.name for f in fields(cls) if f.init}, kind
 
 
 def test_cli_names_a_file_or_folder_in_the_way_of_its_output(tmp_path, main_in_process, monkeypatch):

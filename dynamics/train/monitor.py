@@ -40,7 +40,7 @@ import torch
 from transformers import TrainerCallback
 
 from dynamics.errors import DynamicsError
-from dynamics.gradients import FormPlan, Layout, ParamGrad, output_head, owns_weight_grad
+from dynamics.gradients import FormPlan, Layout, ParamGrad, output_head, owns_weight_grad, scope_parameters
 from dynamics.influence import (
     Batches,
     InfluenceConfig,
@@ -77,17 +77,22 @@ class MonitorConfig:
     # would leave layers in ghost form that the planner wants materialised: then bfloat16)
     dtype: str = "auto"
 
+    def __post_init__(self) -> None:
+        """Checked when built, before any work (a run config builds its monitor's: :func:`monitor_config`)."""
+        if self.refresh < 1:
+            raise DynamicsError(f"monitor_refresh must be >= 1, got {self.refresh}", field="monitor_refresh")
+        if self.max_memory_gb is not None and not self.max_memory_gb >= 0:
+            raise DynamicsError(f"monitor_max_memory must be >= 0 GiB, got {self.max_memory_gb}",
+                                field="monitor_max_memory")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise DynamicsError(f"monitor_dtype must be auto, float32 or bfloat16, got {self.dtype!r}",
+                                field="monitor_dtype")
+        self.influence_config()
+
     def influence_config(self) -> InfluenceConfig:
         cfg = InfluenceConfig(params=self.params, target=self.target, tokens=self.tokens,
                               batch_size=self.batch_size, max_memory_gb=self.max_memory_gb)
-        if self.refresh < 1:
-            raise DynamicsError("--monitor-refresh must be >= 1", field="monitor_refresh")
-        if self.max_memory_gb is not None and not self.max_memory_gb >= 0:
-            raise DynamicsError("--monitor-max-memory must be >= 0 GiB", field="monitor_max_memory")
         cfg.validate()
-        if self.dtype not in ("auto", "float32", "bfloat16"):
-            raise DynamicsError(f"--monitor-dtype must be auto, float32 or bfloat16, got {self.dtype!r}",
-                                field="monitor_dtype")
         return cfg
 
 
@@ -129,6 +134,10 @@ class InterferenceMonitor(TrainerCallback):
         """Wrap the trainer's ``compute_loss`` (to learn each micro-batch's loss scale and, for GRPO, the
         rollout ids) and ``training_step`` (to emit every gradient of a micro-batch when its backward is done),
         and register as its callback."""
+        try:  # the scope must name parameters of the model trained (with the adapter the trainer may have added)
+            scope_parameters(trainer.model, self.icfg.params)
+        except DynamicsError as e:
+            raise DynamicsError(e.message, field="monitor_params") from None
         self.trainer = trainer
         original = trainer.compute_loss
 
@@ -400,19 +409,21 @@ def _patch_counts(ids: torch.Tensor, grid: torch.Tensor, lm: LoadedModel) -> lis
     return [int((row == image_token).sum()) * merge for row in ids]
 
 
-def attach_monitor(trainer: Any, config: Any, lm: LoadedModel, records: list[dict] | None = None) -> None:
-    """Attach the monitor a run config asks for (``config.monitor``, a probes file) to ``trainer``.
+def monitor_config(config: Any, lora: bool = False) -> MonitorConfig:
+    """The monitor a run config asks for (``config.monitor``, a probes file). A LoRA run (``lora_r``, or a model
+    that is an adapter: ``lora``) only has gradients of its adapter, so its monitor contracts those unless
+    ``monitor_params`` says otherwise."""
+    params = config.monitor_params or ("lora" if (config.lora_r or lora) else "linear")
+    memory = {} if config.monitor_max_memory is None else {"max_memory_gb": config.monitor_max_memory}
+    return MonitorConfig(probes=config.monitor, refresh=config.monitor_refresh, params=params,
+                         dtype=config.monitor_dtype, **memory)
 
-    ``records`` are SFT's training records (GRPO rollouts are named as they are generated). A LoRA run only has
-    gradients of its adapter, so its monitor contracts those unless ``monitor_params`` says otherwise."""
-    if not config.monitor:
-        return
-    params = config.monitor_params or ("lora" if (config.lora_r or lm.is_peft) else "linear")
-    mc = MonitorConfig(probes=config.monitor, refresh=config.monitor_refresh, params=params,
-                       dtype=config.monitor_dtype)
-    if config.monitor_max_memory is not None:
-        mc.max_memory_gb = config.monitor_max_memory
-    InterferenceMonitor(mc, lm, config.output_dir, records=records).attach(trainer)
+
+def attach_monitor(trainer: Any, config: Any, lm: LoadedModel, records: list[dict] | None = None) -> None:
+    """Attach the monitor a run config asks for to ``trainer``; ``records`` are SFT's training records (GRPO
+    rollouts are named as they are generated)."""
+    if config.monitor:
+        InterferenceMonitor(monitor_config(config, lm.is_peft), lm, config.output_dir, records=records).attach(trainer)
 
 
 def monitor_from_run(run: str | Path) -> list[dict]:

@@ -237,16 +237,16 @@ def build_rft_trainer(config: RFTRunConfig, task: Any = None, records: Sequence[
     with setup_guard(config):
         lm, info, resume_from = start_run(config, "rft", records, task=getattr(task, "name", config.task),
                                           task_args=config.task_args)
-    if config.beta and not lm.is_peft and not config.lora_r:
-        _reference_on_disk(lm, config)
-    processing = TRLVisionProcessor(lm.processor) if lm.processor is not None else lm.tokenizer
-    trainer = DynamicsGRPOTrainer(model=lm.model, reward_funcs=list(task.reward_funcs), args=config,
-                                  train_dataset=rft_dataset(records), processing_class=processing,
-                                  callbacks=run_callbacks(config, lm, callbacks, config.task, config.task_args),
-                                  peft_config=lora_config(config) if config.lora_r else None)
-    trainer.run_processing_class = lm.processing_class
-    trainer.run_info = info
-    attach_monitor(trainer, config, lm, None)
+        if config.beta and not lm.is_peft and not config.lora_r:
+            _reference_on_disk(lm, config)
+        processing = TRLVisionProcessor(lm.processor) if lm.processor is not None else lm.tokenizer
+        trainer = DynamicsGRPOTrainer(model=lm.model, reward_funcs=list(task.reward_funcs), args=config,
+                                      train_dataset=rft_dataset(records), processing_class=processing,
+                                      callbacks=run_callbacks(config, lm, callbacks, config.task, config.task_args),
+                                      peft_config=lora_config(config) if config.lora_r else None)
+        trainer.run_processing_class = lm.processing_class
+        trainer.run_info = info
+        attach_monitor(trainer, config, lm, None)  # reads its probes file
     trainer.task = task
     trainer.records_by_id = {r["id"]: r for r in records}
     trainer.rollouts_path = Path(config.output_dir) / "rollouts.jsonl" if config.log_rollouts else None

@@ -25,7 +25,7 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -124,6 +124,10 @@ def run_options_post_init(config: Any) -> None:
                             field="max_steps")
     if config.max_steps == -1 and not config.num_train_epochs > 0:
         raise DynamicsError(f"num_train_epochs must be > 0, got {config.num_train_epochs}", field="num_train_epochs")
+    if config.monitor:  # the monitor's options are checked before any work
+        from dynamics.train.monitor import monitor_config
+
+        monitor_config(config)
     if not torch.cuda.is_available():
         config.use_cpu = True  # CPU bf16 autocast, and gloo DDP under `accelerate launch --multi_gpu` / torchrun
 
@@ -151,14 +155,12 @@ def read_config_file(path: str | os.PathLike) -> dict:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
-def load_config(cls: type, path: str | os.PathLike | None = None, flags: Mapping[str, str] | None = None,
-                **overrides: Any) -> Any:
+def load_config(cls: type, path: str | os.PathLike | None = None, **overrides: Any) -> Any:
     """Build a run config from an optional config file, then ``overrides`` that are not None (CLI flags).
 
     Every field of ``cls`` -- all of TRL's and transformers' training options -- can be set in the file. A bad
-    value is reported where it came from: the file and its field, or the override (given ``flags``, the CLI's
-    flag that set it: ``flags`` maps a field to its flag where the two names differ, else ``--field-name``).
-    """
+    value is reported where it came from: the file and its field, or the override's field without the file (the
+    CLI names the flag that set it)."""
     values = read_config_file(path) if path else {}
     names = {f.name for f in fields(cls) if f.init}
     for key in values:
@@ -170,8 +172,7 @@ def load_config(cls: type, path: str | os.PathLike | None = None, flags: Mapping
         return cls(**values)
     except DynamicsError as e:
         if e.field in given:  # set by an override, not by the file
-            flag = e.field if flags is None else flags.get(e.field, "--" + e.field.replace("_", "-"))
-            raise DynamicsError(e.message, field=flag) from None
+            raise DynamicsError(e.message, field=e.field) from None
         raise DynamicsError(e.message, file=path, field=e.field) from None
     except (ValueError, TypeError) as e:
         raise DynamicsError(str(e).splitlines()[0], file=path) from None
@@ -309,7 +310,8 @@ def start_run(config: Any, kind: str, records: Sequence[dict], **data: Any) -> t
 
 @contextlib.contextmanager
 def setup_guard(config: Any) -> Iterator[None]:
-    """Setting a run up (model, data) fails on the user's input: remove the run folder if this call made it."""
+    """Setting a run up (model, data, trainer, monitor) fails on the user's input: remove the run folder if this
+    call made it."""
     fresh = not Path(config.output_dir).exists()
     try:
         yield

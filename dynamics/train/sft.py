@@ -108,13 +108,14 @@ def build_sft_trainer(config: SFTRunConfig, records: Sequence[dict] | None = Non
     with setup_guard(config):
         lm, info, resume_from = start_run(config, "sft", records)
         dataset = sft_dataset(lm.processing_class, records, context_length(lm.model), config.data)
-    trainer = DynamicsSFTTrainer(model=lm.model, args=config, train_dataset=dataset, processing_class=lm.tokenizer,
-                                 data_collator=CompletionCollator(lm.tokenizer.pad_token_id),
-                                 callbacks=run_callbacks(config, lm, callbacks),
-                                 peft_config=lora_config(config) if config.lora_r else None)
-    trainer.run_processing_class = lm.processing_class
-    trainer.run_info = info
-    attach_monitor(trainer, config, lm, records)
+        trainer = DynamicsSFTTrainer(model=lm.model, args=config, train_dataset=dataset,
+                                     processing_class=lm.tokenizer,
+                                     data_collator=CompletionCollator(lm.tokenizer.pad_token_id),
+                                     callbacks=run_callbacks(config, lm, callbacks),
+                                     peft_config=lora_config(config) if config.lora_r else None)
+        trainer.run_processing_class = lm.processing_class
+        trainer.run_info = info
+        attach_monitor(trainer, config, lm, records)  # reads its probes file
     return trainer, resume_from
 
 
