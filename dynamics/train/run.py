@@ -419,7 +419,7 @@ def run_trainer(trainer: Any, config: Any, resume_from: Path | None, info: RunIn
     if resume_from:
         changed = changed_options(previous.get("config", {}), info.config)
         resumes = resumes + [{"from": resume_from.name, "time": now(), "changed": changed}]
-        if changed:
+        if changed and config.should_save:  # one line, from the main process
             print(f"{run}: resuming from {resume_from.name} with changed options: "
                   + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()), file=sys.stderr)
     manifest = info.manifest(command=sys.argv, started=previous.get("started", now()), status="running",
