@@ -182,7 +182,7 @@ def test_bf16_products_in_the_model_dtype_within_its_error(tiny64):
         big = K_ref.abs() > 0.1 * K_ref.abs().max()
         assert (K.sign() == K_ref.sign())[big].all()
     assert not torch.equal(kernels["float32"], kernels["model"])
-    with pytest.raises(DynamicsError, match="--products"):
+    with pytest.raises(DynamicsError, match="products must be float32 or model, got .half."):
         InfluenceConfig(products="half").validate()
 
 
