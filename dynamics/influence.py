@@ -976,7 +976,12 @@ def compute_shards(job: InfluenceRun, rank: int = 0, world: int = 1,
         t0 = time.perf_counter()
         if loaded_spec != s.ckpt.spec:
             lm, side, loaded_spec = None, None, None  # the last model and its probe store go first
-            lm = load_model(s.ckpt.spec, dtype=job.config.dtype, device=job.config.device)
+            try:
+                lm = load_model(s.ckpt.spec, dtype=job.config.dtype, device=job.config.device)
+            except DynamicsError as e:  # a bad model is a bad --ckpt
+                if e.field != "model":
+                    raise
+                raise DynamicsError(e.message, file=e.file, line=e.line, field="ckpt") from None
             loaded_spec = s.ckpt.spec
         timings["load"] += time.perf_counter() - t0
         t0 = time.perf_counter()
