@@ -387,11 +387,13 @@ def load_model(
             model, tok, processor = _load_folder(spec_str, torch_dtype, spec_str)  # type: ignore[arg-type]
         except OSError as e:
             raise DynamicsError(
-                f"cannot load model '{spec_str}' from the Hugging Face hub (offline and not cached?): "
-                f"{str(e).splitlines()[0]}",
+                f"no folder '{spec_str}' here, and cannot load it from the Hugging Face hub (offline and not "
+                f"cached?): {str(e).splitlines()[0]}",
                 field="model",
             ) from None
         name = spec_str
+    elif spec_str.startswith((".", "/", "~")) or os.sep in spec_str:
+        raise DynamicsError(f"no model folder or file at '{spec_str}'", field="model")
     else:
         raise DynamicsError(
             f"unknown model spec '{spec_str}': use 'default', {', '.join(TINY_SPECS)}, a model/adapter/checkpoint "

@@ -146,8 +146,12 @@ def test_gguf_file_spec_and_hub_id_errors(tmp_path):
         load_model(tmp_path / "nope.gguf")
     with pytest.raises(DynamicsError, match="unknown model spec"):
         load_model("not a model")
-    with pytest.raises(DynamicsError, match="hub"):
+    with pytest.raises(DynamicsError, match="no folder 'no-such-org/no-such-model-xyz' here, and cannot load it from "
+                       "the Hugging Face hub"):
         load_model("no-such-org/no-such-model-xyz")
+    for path in (tmp_path / "missing", "./runs/sft/checkpoint-4", "~/no-such-model"):  # a path, not a name
+        with pytest.raises(DynamicsError, match="no model folder or file at"):
+            load_model(path)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DynamicsError, match="not a model folder"):
         load_model(tmp_path / "empty")
