@@ -27,7 +27,7 @@ def from_the_command_line(error: DynamicsError, argv: list[str]) -> DynamicsErro
     """``error`` about a config field that an option of the invoked command set on the command line, reported
     against that option (``option --max-memory: ...``); any other error (about a file, or a value that came from a
     default or a config file) as it is. The commands' parameters are named as the config fields they set."""
-    if error.file is not None or not error.field or error.field.startswith("--"):
+    if error.file is not None or not error.field:
         return error
     command, args = typer.main.get_command(app), list(argv)
     while isinstance(command, TyperGroup) and args:  # the groups (data, probes, train) take no options
