@@ -12,12 +12,20 @@ from dynamics.cli.app import app, console
 @app.command("select")
 def select(
     data: Path = typer.Option(..., "--data", help="Training records to select from."),
-    probes: Path = typer.Option(..., "--probes", help="Prior-knowledge probe records."),
+    probes: Path | None = typer.Option(None, "--probes", help="Prior-knowledge probe records (with "
+                                       "--from-influence: optional, checked to be the table's)."),
     out: Path = typer.Option(..., "--out", help="Kept records (.jsonl/.parquet); decisions go next to it."),
     budget: str = typer.Option("0.5", "--budget", help="Samples to keep: a count (200) or a fraction (0.25)."),
     strategy: str = typer.Option("drop-harmful", "--strategy",
                                  help="drop-harmful | keep-aligned | simulate-rollouts."),
-    model: str = typer.Option("default", "--model", help="Model spec or checkpoint to score with."),
+    model: str = typer.Option("default", "--model", help="Model spec or checkpoint to score with (not used with "
+                              "--from-influence)."),
+    from_influence: Path | None = typer.Option(
+        None, "--from-influence", help="Rank by a stored `dynamics influence` output (folder or influence.parquet) "
+        "as it was computed, instead of computing the kernels: score a large set once (sharded, resumable, "
+        "torchrun), select from it many times."),
+    ckpt: str | None = typer.Option(None, "--ckpt", help="With --from-influence: the table's checkpoint to rank "
+                                    "by (default: its earliest step)."),
     params: str = typer.Option("linear", "--params", help="Influence scope: linear | all | lora | regex."),
     mode: str = typer.Option("exact", "--mode", help="Influence mode: exact | projected."),
     batch_size: int = typer.Option(8, "--batch-size"),
@@ -33,12 +41,14 @@ def select(
     from dynamics.select import SelectConfig, decisions_path
     from dynamics.select import select as run_select
 
-    cfg = SelectConfig(data=str(data), probes=str(probes), out=str(out), budget=budget, strategy=strategy,
-                       model=model, task=task, task_args=task_args, samples=samples, temperature=temperature,
+    cfg = SelectConfig(data=str(data), probes=probes and str(probes), out=str(out), budget=budget,
+                       strategy=strategy, model=model, task=task, task_args=task_args, samples=samples,
+                       temperature=temperature, from_influence=from_influence and str(from_influence), ckpt=ckpt,
                        influence=InfluenceConfig(params=params, mode=mode, batch_size=batch_size, target=target,
                                                    tokens=tokens))
     path, table = run_select(cfg)
     kept = table[table.decision == "kept"]
-    console.print(f"kept {len(kept)} of {len(table)} samples -> {path}  (decisions: {decisions_path(path)})")
+    console.print(f"kept {len(kept)} of {len(table)} samples, ranked by the kernels of {table.ckpt.iloc[0]} -> "
+                  f"{path}  (decisions: {decisions_path(path)})")
     console.print(f"mean kernel kept {kept.mean_kernel.mean():.4g} vs all {table.mean_kernel.mean():.4g}; "
                   f"mean cosine kept {kept.mean_cosine.mean():+.4f} vs all {table.mean_cosine.mean():+.4f}")

@@ -13,7 +13,10 @@ the probes' mean log-likelihood by η·mean_o K(o, u), so
   puts probability; prompts without a correct sample keep their gold answer; then, if the budget is smaller
   than the set, drops the most harmful as above.
 
-The kept records are written to ``out``; a table next to it (``<out>.decisions.parquet``) explains each decision.
+The kernels are computed at ``model``, or read from a stored ``dynamics influence`` table (``from_influence``: one
+of its checkpoints, by default the earliest), so that a large set is scored once -- sharded, resumable, on several
+processes -- and selected from many times. The kept records are written to ``out``; a table next to it
+(``<out>.decisions.parquet``) explains each decision.
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ class SelectConfig:
     """Options of ``dynamics select`` (and :func:`select`)."""
 
     data: str
-    probes: str
     out: str
+    probes: str | None = None  # needed unless from_influence (then checked against the table's probes if given)
     budget: str = "0.5"  # number of samples to keep, or a fraction of the set
     strategy: str = "drop-harmful"
     model: str = "default"
@@ -47,10 +50,20 @@ class SelectConfig:
     samples: int = 8
     temperature: float = 1.0
     seed: int = 0
+    from_influence: str | None = None  # a `dynamics influence` output (folder or influence.parquet) to rank by
+    ckpt: str | None = None  # with from_influence: the table's checkpoint to rank by (default: the earliest step)
 
     def validate(self) -> None:
         if self.strategy not in STRATEGIES:
             raise DynamicsError(f"strategy must be one of {', '.join(STRATEGIES)}", field="strategy")
+        if self.from_influence and self.strategy == "simulate-rollouts":
+            raise DynamicsError("simulate-rollouts replaces the samples, so their kernels are not in a stored table",
+                                field="from_influence")
+        if not (self.probes or self.from_influence):
+            raise DynamicsError("needs probes, or from_influence (a stored `dynamics influence` table)",
+                                field="probes")
+        if self.ckpt and not self.from_influence:
+            raise DynamicsError("ckpt picks a checkpoint of from_influence's table, which is not given", field="ckpt")
         check_bounds(self, {"samples": 1, "temperature": 0})  # temperature 0: greedy
         self.influence.validate()
 
@@ -77,6 +90,37 @@ def scores(influence: pd.DataFrame) -> pd.DataFrame:
         "mean_cosine": g["cosine"].mean(),
         "train_norm": g["train_norm"].first(),
     })
+
+
+def stored_kernels(config: SelectConfig, records: list[dict]) -> pd.DataFrame:
+    """The rows of ``config.from_influence``'s table at one checkpoint (``config.ckpt``, default the earliest
+    step), checked to hold every training record and, if ``config.probes`` is given, to be of those probes."""
+    from dynamics.analyses.loader import InfluenceSet
+    from dynamics.store import file_hash, input_file
+
+    path = Path(config.from_influence)
+    stored = InfluenceSet(path.name, path.parent if path.suffix == ".parquet" else path)
+    table = stored.table
+    if config.probes and stored.manifest.get("probes_sha256") != file_hash(input_file(config.probes)):
+        raise DynamicsError(f"the table at {stored.path} was computed on other probes than these", file=config.probes)
+    steps = table.groupby("ckpt", sort=False)["step"].min()
+    ckpt = config.ckpt or steps.idxmin()
+    if ckpt not in steps.index:
+        raise DynamicsError(f"no checkpoint {ckpt!r} in the table at {stored.path}; it holds "
+                            f"{', '.join(map(str, steps.index))}", field="ckpt")
+    table = table[table["ckpt"] == ckpt]
+    have = set(table["train_id"])
+    # the same file, or the same samples under each id (a subset of it, say)
+    same = stored.manifest.get("train_sha256") == file_hash(config.data)
+    used = {} if same else {r["id"]: r for r in stored.train_records}
+    for line, rec in enumerate(records, start=1):
+        if rec["id"] not in have:
+            raise DynamicsError(f"sample {rec['id']!r} has no kernels in {stored.path} at {ckpt}", file=config.data,
+                                line=line, field="id")
+        if not same and any(rec[k] != used.get(rec["id"], {}).get(k) for k in ("prompt", "completion")):
+            raise DynamicsError(f"sample {rec['id']!r} is not the one the table at {stored.path} was computed on",
+                                file=config.data, line=line, field="id")
+    return table
 
 
 def _simulate(lm, records: list[dict], config: SelectConfig) -> tuple[list[dict], dict[str, str]]:
@@ -110,13 +154,17 @@ def select(config: SelectConfig, lm=None) -> tuple[Path, pd.DataFrame]:
     config.validate()
     out = check_file(config.out)
     records = read_records(config.data)
-    probes = read_records(config.probes)
     keep_n = parse_budget(config.budget, len(records))
-    lm = lm or load_model(config.model, dtype=config.influence.dtype, device=config.influence.device)
     reasons: dict[str, str] = {}
-    if config.strategy == "simulate-rollouts":
-        records, reasons = _simulate(lm, records, config)
-    table = scores(compute(lm, records, probes, config.influence)).loc[[r["id"] for r in records]]
+    if config.from_influence:
+        kernels = stored_kernels(config, records)
+    else:
+        probes = read_records(config.probes)
+        lm = lm or load_model(config.model, dtype=config.influence.dtype, device=config.influence.device)
+        if config.strategy == "simulate-rollouts":
+            records, reasons = _simulate(lm, records, config)
+        kernels = compute(lm, records, probes, config.influence, ckpt=lm.name)
+    table = scores(kernels).loc[[r["id"] for r in records]]
     if config.strategy == "keep-aligned":
         order = table.sort_values("mean_cosine", ascending=False).index
         why_drop = "gradient less aligned with the probes' (lower mean cosine)"
@@ -127,6 +175,7 @@ def select(config: SelectConfig, lm=None) -> tuple[Path, pd.DataFrame]:
     table["rank"] = pd.Series(range(1, len(order) + 1), index=order)
     table["decision"] = ["kept" if i in kept else "dropped" for i in table.index]
     table["reason"] = [reasons.get(i, "within budget") if i in kept else why_drop for i in table.index]
+    table["ckpt"] = kernels["ckpt"].iloc[0]  # the model whose kernels ranked the samples
     table = table.reset_index(names="train_id")
     write_records(out, [r for r in records if r["id"] in kept])
     with atomic_path(decisions_path(out)) as tmp:

@@ -77,3 +77,52 @@ def test_cli_defaults_are_the_library_defaults(cli_params):
     build = ProbeBuildConfig()
     for name in ("model", "suite", "keep_correct", "limit", "max_new_tokens", "batch_size"):
         assert cli[name] == getattr(build, name), name
+
+
+def test_selecting_from_a_stored_influence_table_equals_computing_it(tmp_path, tiny_lm):
+    """`--from-influence`: the decisions made from a `dynamics influence` table (at its earliest checkpoint by
+    default, or the one named) are those made by computing the kernels at that model; samples the table lacks, or
+    holds under another text, are refused."""
+    import numpy as np
+    import torch
+
+    from dynamics.influence import InfluenceRun, run
+    from dynamics.models import load_model
+
+    trained = tmp_path / "checkpoint-5"  # a later checkpoint: the tiny model with its weights moved
+    with torch.no_grad():
+        moved = load_model("tiny-llama")
+        for p in moved.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    moved.save(trained)
+    data = write(tmp_path / "train.jsonl", NEUTRAL + CONFLICTING)
+    probes = write(tmp_path / "probes.jsonl", PROBES)
+    inf = InfluenceConfig(target="gold", tokens="content")
+    run(InfluenceRun(ckpts=["tiny-llama", str(trained)], train=str(data), probes=str(probes),
+                     out=str(tmp_path / "inf"), config=inf))
+    for ckpt, lm in ((None, tiny_lm), ("checkpoint-5", load_model(str(trained)))):
+        common = dict(data=str(data), budget="3", strategy="drop-harmful")
+        _, live = select(SelectConfig(**common, probes=str(probes), out=str(tmp_path / "live.jsonl"), influence=inf),
+                         lm=lm)
+        out, stored = select(SelectConfig(**common, out=str(tmp_path / f"{ckpt}.jsonl"), ckpt=ckpt,
+                                          from_influence=str(tmp_path / "inf")))
+        assert stored.ckpt.iloc[0] == (ckpt or "tiny-llama")
+        assert list(stored.decision) == list(live.decision) and list(stored["rank"]) == list(live["rank"])
+        np.testing.assert_allclose(stored.mean_kernel, live.mean_kernel, rtol=1e-5)
+        assert len(out.read_text().splitlines()) == 3
+    assert not np.allclose(stored.mean_kernel, select(SelectConfig(
+        data=str(data), out=str(tmp_path / "k.jsonl"), from_influence=str(tmp_path / "inf")))[1].mean_kernel)
+    edited = [dict(r) for r in NEUTRAL]
+    edited[1]["completion"] = "A B C"
+    for rows, message in ((edited, r"train2.jsonl:2: field 'id': sample 'jig2' is not the one"),
+                          (NEUTRAL + [{**PROBES[0], "id": "new"}], r"train2.jsonl:5: field 'id': sample 'new' has no")):
+        with pytest.raises(DynamicsError, match=message):
+            select(SelectConfig(data=str(write(tmp_path / "train2.jsonl", rows)), out=str(tmp_path / "x.jsonl"),
+                                from_influence=str(tmp_path / "inf" / "influence.parquet")))
+    with pytest.raises(DynamicsError, match="computed on other probes"):
+        select(SelectConfig(data=str(data), probes=str(data), out=str(tmp_path / "x.jsonl"),
+                            from_influence=str(tmp_path / "inf")))
+    with pytest.raises(DynamicsError, match="no checkpoint 'step-9' in the table .* tiny-llama, checkpoint-5"):
+        select(SelectConfig(data=str(data), out=str(tmp_path / "x.jsonl"), ckpt="step-9",
+                            from_influence=str(tmp_path / "inf")))
+    assert not (tmp_path / "x.jsonl").exists()
