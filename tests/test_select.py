@@ -90,10 +90,11 @@ def test_selecting_from_a_stored_influence_table_equals_computing_it(tmp_path, t
     from dynamics.models import load_model
 
     trained = tmp_path / "checkpoint-5"  # a later checkpoint: the tiny model with its weights moved
+    gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         moved = load_model("tiny-llama")
         for p in moved.model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+            p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
     moved.save(trained)
     data = write(tmp_path / "train.jsonl", NEUTRAL + CONFLICTING)
     probes = write(tmp_path / "probes.jsonl", PROBES)
