@@ -153,11 +153,7 @@ def sample_table(cfg: CompareConfig) -> pd.DataFrame:
         label = _match_influence(folder, data)
         if label in influence:
             raise DynamicsError(f"a second influence folder for data set '{label}'", file=folder, field="influence")
-        per = per_train_sample(InfluenceSet(folder.name, folder).table)
-        step = per["step"].min() if cfg.step is None else cfg.step
-        per = per[per["step"] == step]
-        if per.empty:
-            raise DynamicsError(f"no checkpoint at step {cfg.step}", file=folder / "influence.parquet", field="step")
+        per = per_train_sample(InfluenceSet(folder.name, folder).at_step(cfg.step))
         influence[label] = per.drop(columns=["ckpt", "n_probes"]).rename(
             columns={"train_id": "id", "step": "influence_step"}).assign(label=label)
     if influence:

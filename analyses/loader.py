@@ -248,6 +248,20 @@ class InfluenceSet:
         """:func:`per_train_sample` of this folder's table."""
         return per_train_sample(self.table)
 
+    def at_step(self, step: int | None = None) -> pd.DataFrame:
+        """The table's rows at the checkpoint of training step ``step`` (the earliest if None)."""
+        table = self.table
+        steps = sorted(set(table["step"]))
+        rows = table[table["step"] == (steps[0] if step is None else step)]
+        if rows.empty:
+            raise DynamicsError(f"no checkpoint at step {step} in {self.path}; it holds steps "
+                                f"{', '.join(map(str, steps))}", field="step")
+        if rows["ckpt"].nunique() > 1:
+            raise DynamicsError(f"several checkpoints at step {rows['step'].iloc[0]} "
+                                f"({', '.join(map(str, rows['ckpt'].unique()))}): keep one per step",
+                                file=self.path / "influence.parquet", field="step")
+        return rows
+
 
 def per_train_sample(table: pd.DataFrame) -> pd.DataFrame:
     """One row per (checkpoint, training sample): ``train_norm`` ‖g(u)‖, ``mean_abs_kernel`` mean over probes of

@@ -24,8 +24,8 @@ def select(
         None, "--from-influence", help="Rank by a stored `dynamics influence` output (folder or influence.parquet) "
         "as it was computed, instead of computing the kernels: score a large set once (sharded, resumable, "
         "torchrun), select from it many times."),
-    ckpt: str | None = typer.Option(None, "--ckpt", help="With --from-influence: the table's checkpoint to rank "
-                                    "by (default: its earliest step)."),
+    step: int | None = typer.Option(None, "--step", help="With --from-influence: the training step of the "
+                                    "table's checkpoint to rank by (default: the earliest)."),
     params: str = typer.Option("linear", "--params", help="Influence scope: linear | all | lora | regex."),
     mode: str = typer.Option("exact", "--mode", help="Influence mode: exact | projected."),
     batch_size: int = typer.Option(8, "--batch-size"),
@@ -43,7 +43,7 @@ def select(
 
     cfg = SelectConfig(data=str(data), probes=probes and str(probes), out=str(out), budget=budget,
                        strategy=strategy, model=model, task=task, task_args=task_args, samples=samples,
-                       temperature=temperature, from_influence=from_influence and str(from_influence), ckpt=ckpt,
+                       temperature=temperature, from_influence=from_influence and str(from_influence), step=step,
                        influence=InfluenceConfig(params=params, mode=mode, batch_size=batch_size, target=target,
                                                    tokens=tokens))
     path, table = run_select(cfg)

@@ -13,8 +13,8 @@ the probes' mean log-likelihood by η·mean_o K(o, u), so
   puts probability; prompts without a correct sample keep their gold answer; then, if the budget is smaller
   than the set, drops the most harmful as above.
 
-The kernels are computed at ``model``, or read from a stored ``dynamics influence`` table (``from_influence``: one
-of its checkpoints, by default the earliest), so that a large set is scored once -- sharded, resumable, on several
+The kernels are computed at ``model``, or read from a stored ``dynamics influence`` table (``from_influence``: its
+checkpoint at training step ``step``, by default the earliest), so that a large set is scored once -- sharded, resumable, on several
 processes -- and selected from many times. The kept records are written to ``out``; a table next to it
 (``<out>.decisions.parquet``) explains each decision.
 """
@@ -51,7 +51,7 @@ class SelectConfig:
     temperature: float = 1.0
     seed: int = 0
     from_influence: str | None = None  # a `dynamics influence` output (folder or influence.parquet) to rank by
-    ckpt: str | None = None  # with from_influence: the table's checkpoint to rank by (default: the earliest step)
+    step: int | None = None  # with from_influence: the training step of the table's checkpoint (default: earliest)
 
     def validate(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -62,9 +62,9 @@ class SelectConfig:
         if not (self.probes or self.from_influence):
             raise DynamicsError("needs probes, or from_influence (a stored `dynamics influence` table)",
                                 field="probes")
-        if self.ckpt and not self.from_influence:
-            raise DynamicsError("ckpt picks a checkpoint of from_influence's table, which is not given", field="ckpt")
-        check_bounds(self, {"samples": 1, "temperature": 0})  # temperature 0: greedy
+        if self.step is not None and not self.from_influence:
+            raise DynamicsError("step picks a checkpoint of from_influence's table, which is not given", field="step")
+        check_bounds(self, {"samples": 1, "temperature": 0, "step": 0})  # temperature 0: greedy
         self.influence.validate()
 
 
@@ -93,22 +93,17 @@ def scores(influence: pd.DataFrame) -> pd.DataFrame:
 
 
 def stored_kernels(config: SelectConfig, records: list[dict]) -> pd.DataFrame:
-    """The rows of ``config.from_influence``'s table at one checkpoint (``config.ckpt``, default the earliest
-    step), checked to hold every training record and, if ``config.probes`` is given, to be of those probes."""
+    """The rows of ``config.from_influence``'s table at the checkpoint of step ``config.step`` (default the
+    earliest), checked to hold every training record and, if ``config.probes`` is given, to be of those probes."""
     from dynamics.analyses.loader import InfluenceSet
     from dynamics.store import file_hash, input_file
 
     path = Path(config.from_influence)
     stored = InfluenceSet(path.name, path.parent if path.suffix == ".parquet" else path)
-    table = stored.table
     if config.probes and stored.manifest.get("probes_sha256") != file_hash(input_file(config.probes)):
         raise DynamicsError(f"the table at {stored.path} was computed on other probes than these", file=config.probes)
-    steps = table.groupby("ckpt", sort=False)["step"].min()
-    ckpt = config.ckpt or steps.idxmin()
-    if ckpt not in steps.index:
-        raise DynamicsError(f"no checkpoint {ckpt!r} in the table at {stored.path}; it holds "
-                            f"{', '.join(map(str, steps.index))}", field="ckpt")
-    table = table[table["ckpt"] == ckpt]
+    table = stored.at_step(config.step)
+    ckpt = table["ckpt"].iloc[0]
     have = set(table["train_id"])
     # the same file, or the same samples under each id (a subset of it, say)
     same = stored.manifest.get("train_sha256") == file_hash(config.data)

@@ -146,3 +146,30 @@ def test_base_model_logprobs_equal_a_direct_forward_pass(tmp_path):
         assert row["n_tokens"] == int(mask.sum())
         assert row["logp_sum"] == pytest.approx(lp[mask].sum().item(), abs=1e-3)
         assert row["ppl"] == pytest.approx(np.exp(-row["logp_mean"]))
+
+
+def test_influence_is_joined_at_the_checkpoint_of_the_step_asked(tmp_path):
+    """``step`` picks the influence table's checkpoint (the earliest by default); a step the table lacks, or one
+    held by two checkpoints, is one error naming the step (before, two step-0 checkpoints failed in pandas)."""
+    gold = jsonl(tmp_path / "gold.jsonl", records("g", 4, 3))
+    roll = jsonl(tmp_path / "rollouts.jsonl", records("r", 4, 2))
+
+    def folder(name, ckpts):
+        inf = tmp_path / name
+        inf.mkdir()
+        rows = [{"ckpt": ckpt, "step": step, "train_id": f"g{i}", "probe_id": "p0", "kernel": 1.0, "cosine": 0.1,
+                 "train_norm": float(step + 1), "probe_norm": 1.0} for ckpt, step in ckpts for i in range(4)]
+        pd.DataFrame(rows).to_parquet(inf / "influence.parquet")
+        (inf / "manifest.json").write_text(json.dumps({"train": str(gold), "probes": str(tmp_path / "p.jsonl")}))
+        return inf
+
+    inf = folder("inf", [("sft/checkpoint-4", 4), ("base", 0)])
+    for step, norm in ((None, 1.0), (0, 1.0), (4, 5.0)):
+        s = sample_table(CompareConfig(data=[gold, roll], out=tmp_path / "o", influence=[inf], step=step))
+        assert s.dropna(subset=["train_norm"]).train_norm.tolist() == [norm] * 4
+    twins = folder("twins", [("base", 0), ("other-base", 0)])
+    for table, step, needle in ((inf, 9, "no checkpoint at step 9 in"), (inf, 9, "it holds steps 0, 4"),
+                                (twins, None, "field 'step': several checkpoints at step 0 (base, other-base)")):
+        with pytest.raises(DynamicsError) as err:
+            sample_table(CompareConfig(data=[gold, roll], out=tmp_path / "o", influence=[table], step=step))
+        assert needle in str(err.value)

@@ -279,7 +279,7 @@ def test_cli_rejects_bad_files_cleanly(tmp_path, main_in_process, monkeypatch):
     (["select", "--data", "{good}", "--from-influence", "{tmp}", "--out", "{out}/k.jsonl", "--strategy",
       "simulate-rollouts"], "option --from-influence: simulate-rollouts replaces the samples"),
     (["select", "--model", "tiny-llama", "--data", "{good}", "--probes", "{good}", "--out", "{out}/k.jsonl",
-      "--ckpt", "last"], "option --ckpt: ckpt picks a checkpoint of from_influence's table, which is not given"),
+      "--step", "3"], "option --step: step picks a checkpoint of from_influence's table, which is not given"),
     (["select", "--data", "{good}", "--out", "{out}/k.jsonl"], "field 'probes': needs probes, or from_influence"),
     (["select", "--data", "{good}", "--from-influence", "{tmp}", "--out", "{out}/k.jsonl"],
      "influence.parquet: file not found"),

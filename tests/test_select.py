@@ -81,7 +81,7 @@ def test_cli_defaults_are_the_library_defaults(cli_params):
 
 def test_selecting_from_a_stored_influence_table_equals_computing_it(tmp_path, tiny_lm):
     """`--from-influence`: the decisions made from a `dynamics influence` table (at its earliest checkpoint by
-    default, or the one named) are those made by computing the kernels at that model; samples the table lacks, or
+    default, or the one of the step asked) are those made by computing the kernels at that model; samples the table lacks, or
     holds under another text, are refused."""
     import numpy as np
     import torch
@@ -101,13 +101,13 @@ def test_selecting_from_a_stored_influence_table_equals_computing_it(tmp_path, t
     inf = InfluenceConfig(target="gold", tokens="content")
     run(InfluenceRun(ckpts=["tiny-llama", str(trained)], train=str(data), probes=str(probes),
                      out=str(tmp_path / "inf"), config=inf))
-    for ckpt, lm in ((None, tiny_lm), ("checkpoint-5", load_model(str(trained)))):
+    for step, ckpt, lm in ((None, "tiny-llama", tiny_lm), (5, "checkpoint-5", load_model(str(trained)))):
         common = dict(data=str(data), budget="3", strategy="drop-harmful")
         _, live = select(SelectConfig(**common, probes=str(probes), out=str(tmp_path / "live.jsonl"), influence=inf),
                          lm=lm)
-        out, stored = select(SelectConfig(**common, out=str(tmp_path / f"{ckpt}.jsonl"), ckpt=ckpt,
+        out, stored = select(SelectConfig(**common, out=str(tmp_path / f"{ckpt}.jsonl"), step=step,
                                           from_influence=str(tmp_path / "inf")))
-        assert stored.ckpt.iloc[0] == (ckpt or "tiny-llama")
+        assert stored.ckpt.iloc[0] == ckpt
         assert list(stored.decision) == list(live.decision) and list(stored["rank"]) == list(live["rank"])
         np.testing.assert_allclose(stored.mean_kernel, live.mean_kernel, rtol=1e-5)
         assert len(out.read_text().splitlines()) == 3
@@ -123,7 +123,7 @@ def test_selecting_from_a_stored_influence_table_equals_computing_it(tmp_path, t
     with pytest.raises(DynamicsError, match="computed on other probes"):
         select(SelectConfig(data=str(data), probes=str(data), out=str(tmp_path / "x.jsonl"),
                             from_influence=str(tmp_path / "inf")))
-    with pytest.raises(DynamicsError, match="no checkpoint 'step-9' in the table .* tiny-llama, checkpoint-5"):
-        select(SelectConfig(data=str(data), out=str(tmp_path / "x.jsonl"), ckpt="step-9",
+    with pytest.raises(DynamicsError, match="no checkpoint at step 9 in .*; it holds steps 0, 5"):
+        select(SelectConfig(data=str(data), out=str(tmp_path / "x.jsonl"), step=9,
                             from_influence=str(tmp_path / "inf")))
     assert not (tmp_path / "x.jsonl").exists()
