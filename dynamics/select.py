@@ -14,8 +14,8 @@ the probes' mean log-likelihood by η·mean_o K(o, u), so
   than the set, drops the most harmful as above.
 
 The kernels are computed at ``model``, or read from a stored ``dynamics influence`` table (``from_influence``: its
-checkpoint at training step ``step``, by default the earliest), so that a large set is scored once -- sharded, resumable, on several
-processes -- and selected from many times. The kept records are written to ``out``; a table next to it
+checkpoint at training step ``step``, by default the earliest), so that a large set is scored once -- sharded,
+resumable, on several processes -- and selected from many times. The kept records are written to ``out``; a table next to it
 (``<out>.decisions.parquet``) explains each decision.
 """
 
@@ -26,9 +26,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from dynamics.analyses.loader import InfluenceSet, per_train_sample
 from dynamics.errors import DynamicsError, check_bounds
 from dynamics.influence import InfluenceConfig, compute
-from dynamics.store import atomic_path, check_file
+from dynamics.store import atomic_path, check_file, file_hash, input_file
 
 STRATEGIES = ("drop-harmful", "keep-aligned", "simulate-rollouts")
 
@@ -81,23 +82,9 @@ def parse_budget(budget: str | float | int, n: int) -> int:
     return max(1, min(n, keep))
 
 
-def scores(influence: pd.DataFrame) -> pd.DataFrame:
-    """Per training sample: mean kernel, mean |kernel| and mean cosine over probes, and its gradient norm."""
-    g = influence.groupby("train_id", sort=False)
-    return pd.DataFrame({
-        "mean_kernel": g["kernel"].mean(),
-        "mean_abs_kernel": g["kernel"].apply(lambda k: k.abs().mean()),
-        "mean_cosine": g["cosine"].mean(),
-        "train_norm": g["train_norm"].first(),
-    })
-
-
 def stored_kernels(config: SelectConfig, records: list[dict]) -> pd.DataFrame:
     """The rows of ``config.from_influence``'s table at the checkpoint of step ``config.step`` (default the
     earliest), checked to hold every training record and, if ``config.probes`` is given, to be of those probes."""
-    from dynamics.analyses.loader import InfluenceSet
-    from dynamics.store import file_hash, input_file
-
     path = Path(config.from_influence)
     stored = InfluenceSet(path.name, path.parent if path.suffix == ".parquet" else path)
     if config.probes and stored.manifest.get("probes_sha256") != file_hash(input_file(config.probes)):
@@ -159,7 +146,9 @@ def select(config: SelectConfig, lm=None) -> tuple[Path, pd.DataFrame]:
         if config.strategy == "simulate-rollouts":
             records, reasons = _simulate(lm, records, config)
         kernels = compute(lm, records, probes, config.influence, ckpt=lm.name)
-    table = scores(kernels).loc[[r["id"] for r in records]]
+    # per sample: mean kernel, mean |kernel| and mean cosine over probes, and its gradient norm
+    table = per_train_sample(kernels).set_index("train_id").loc[
+        [r["id"] for r in records], ["mean_kernel", "mean_abs_kernel", "mean_cosine", "train_norm"]]
     if config.strategy == "keep-aligned":
         order = table.sort_values("mean_cosine", ascending=False).index
         why_drop = "gradient less aligned with the probes' (lower mean cosine)"
