@@ -32,7 +32,8 @@ def influence(
     per_token: bool = typer.Option(False, "--per-token", help="Also write influence_tokens.parquet."),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda."),
     shard_size: int = typer.Option(256, "--shard-size", help="Training samples per resumable shard."),
-    resume: bool = typer.Option(False, "--resume", help="Keep finished shards of an interrupted run."),
+    resume: bool = typer.Option(False, "--resume", help="Keep the finished shards of an earlier run into --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete the results of an earlier run in --out first."),
     predict_check: int = typer.Option(0, "--predict-check", help="One-step check on this many training samples."),
     lr: float = typer.Option(1e-4, "--lr", help="Step size of the one-step check."),
     launcher: str = typer.Option("none", "--launcher", help="none | torchrun (re-launch on N processes)."),
@@ -46,7 +47,7 @@ def influence(
         config=InfluenceConfig(params=params, reduce=reduce, batch_size=batch_size, mode=mode, proj_dim=proj_dim,
                                projection=projection, contraction=contraction, target=target, tokens=tokens, dtype=dtype,
                                products=products, max_memory_gb=max_memory_gb, per_token=per_token, device=device),
-        shard_size=shard_size, resume=resume, features_dir=None if features is None else str(features),
+        shard_size=shard_size, resume=resume, overwrite=overwrite, features_dir=None if features is None else str(features),
         predict_check=predict_check, lr=lr,
     )
     path = run_job(job, launcher=launcher, nproc=nproc)

@@ -38,9 +38,10 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -895,7 +896,8 @@ class InfluenceRun:
     out: str
     config: InfluenceConfig = field(default_factory=InfluenceConfig)
     shard_size: int = 256
-    resume: bool = False
+    resume: bool = False  # keep OUT's finished shards (of these inputs)
+    overwrite: bool = False  # delete OUT's earlier results first
     features_dir: str | None = None  # projected mode: where train features are stored / reused
     predict_check: int = 0  # one-step check on this many training samples
     lr: float = 1e-4
@@ -903,6 +905,9 @@ class InfluenceRun:
     def validate(self) -> None:
         self.config.validate()
         check_bounds(self, {"shard_size": 1, "predict_check": 0}, above={"lr": 0})
+        if self.resume and self.overwrite:
+            raise DynamicsError("resume keeps the folder's finished shards and overwrite deletes them: pass one",
+                                field="overwrite")
         check_folder(self.out)
 
 
@@ -921,6 +926,49 @@ def _slug(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def _key(job: InfluenceRun) -> str:
+    """What every shard of a run shares: its options and the contents of its training and probe files."""
+    return _slug(json.dumps([asdict(job.config), file_hash(job.train), file_hash(job.probes), job.shard_size]))
+
+
+RESULTS = ("influence.parquet", "influence_tokens.parquet", "predict_check.parquet", "manifest.json", "shards",
+           "features")
+
+
+def prepare_out(job: InfluenceRun, delete: bool = True) -> None:
+    """Make OUT ready to compute into. A folder that holds an earlier run's results needs ``resume`` (keep its
+    finished shards, which must be of these inputs) or ``overwrite`` (delete those results first); other files
+    in OUT are left alone. Every process checks, before any computes; one deletes (``delete``)."""
+    job.validate()
+    out = Path(job.out)
+    shards = sorted(p for p in (out / "shards").glob("*.parquet") if not p.name.startswith("."))
+    if delete:  # what a killed process was writing (atomic_path's temporary files)
+        for p in (out / "shards").glob(".*"):
+            p.unlink()
+    if not (shards or (out / "manifest.json").exists() or (out / "influence.parquet").exists()):
+        return
+    if job.overwrite:
+        if not delete:
+            return
+        reused = Path(job.features_dir).resolve() if job.features_dir else None
+        for path in (out / name for name in RESULTS):
+            if path.is_dir() and path.resolve() != reused:
+                shutil.rmtree(path)
+            elif path.is_file():
+                path.unlink()
+        return
+    if not job.resume:
+        raise DynamicsError("holds the results of an earlier `dynamics influence` run: pass --resume to keep its "
+                            "finished shards or --overwrite to replace them", file=out)
+    key = _key(job)
+    stored = json.loads((out / "manifest.json").read_text()).get("key", key) if (out / "manifest.json").exists() \
+        else key
+    if stored != key or any(not p.name.startswith(f"{key}-") for p in shards):
+        raise DynamicsError("holds results computed on other inputs (training or probe file, influence options or "
+                            "shard size) than these, which --resume cannot continue: pass --overwrite to replace "
+                            "them", file=out)
+
+
 def _inputs(job: InfluenceRun) -> tuple[list[dict], list[dict], list, list[list[dict]], list[Shard]]:
     from dynamics.data import read_records
     from dynamics.models import resolve_checkpoints
@@ -932,12 +980,12 @@ def _inputs(job: InfluenceRun) -> tuple[list[dict], list[dict], list, list[list[
     if not ckpts:
         raise DynamicsError("no checkpoints found", field="ckpt")
     blocks = [train[i:i + job.shard_size] for i in range(0, len(train), job.shard_size)]
-    key = _slug(json.dumps([asdict(job.config), file_hash(job.train), file_hash(job.probes), job.shard_size]))
+    key = _key(job)
     shards_dir = Path(job.out) / "shards"
     shards = []
     for ci, ck in enumerate(ckpts):
         for bi in range(len(blocks)):
-            stem = f"{key}-{_slug(ck.spec)}-{bi:05d}"
+            stem = f"{key}-{_slug(ck.fingerprint())}-{bi:05d}"
             shards.append(Shard(ci * len(blocks) + bi, ck, bi, shards_dir / f"{stem}.parquet",
                                 shards_dir / f"{stem}.tokens.parquet"))
     return train, probes, ckpts, blocks, shards
@@ -959,16 +1007,13 @@ def _naming_file(job: InfluenceRun, block: Sequence[dict]) -> Iterator[None]:
 
 def compute_shards(job: InfluenceRun, rank: int = 0, world: int = 1,
                    progress_factory: Callable[[str, int], Callable[[int], None]] | None = None) -> dict[str, float]:
-    """Compute this rank's unfinished shards (index ≡ rank mod world), each written atomically."""
+    """Compute this rank's unfinished shards (index ≡ rank mod world), each written atomically, into an OUT made
+    ready by :func:`prepare_out`."""
     from dynamics.models import load_model
 
     train, probes, ckpts, blocks, shards = _inputs(job)  # atomic_path makes OUT/shards with the first shard
     timings = {"load": 0.0, "compute": 0.0, "write": 0.0}
     mine = [s for s in shards if s.index % world == rank]
-    if not job.resume:
-        for s in mine:
-            s.path.unlink(missing_ok=True)
-            s.tokens_path.unlink(missing_ok=True)
     lm, side, loaded_spec = None, None, None
     for s in mine:
         if s.path.exists() and (s.tokens_path.exists() or not job.config.per_token):
@@ -1013,7 +1058,7 @@ def _train_features(lm: LoadedModel, block: list[dict], job: InfluenceRun, ck,
     cfg = job.config
     store = Path(job.features_dir) if job.features_dir else Path(job.out) / "features"
     make_folder(store)
-    fkey = _slug(json.dumps([ck.spec, [r["id"] for r in block], cfg.params, cfg.reduce, cfg.projection,
+    fkey = _slug(json.dumps([ck.fingerprint(), [r["id"] for r in block], cfg.params, cfg.reduce, cfg.projection,
                              cfg.proj_dim, cfg.proj_seed, cfg.dtype, cfg.products]))
     path = store / f"train-{fkey}.pt"
     if path.exists():
@@ -1059,6 +1104,7 @@ def merge(job: InfluenceRun, timings: dict[str, float] | None = None) -> Path:
     write_json(out / "manifest.json", {
         "format": 1,
         "command": "influence",
+        "key": _key(job),
         "ckpts": [{"spec": c.spec, "step": c.step, "name": c.name} for c in ckpts],
         "train": str(Path(job.train).resolve()),
         "train_sha256": file_hash(job.train),
@@ -1077,6 +1123,7 @@ def merge(job: InfluenceRun, timings: dict[str, float] | None = None) -> Path:
 def run(job: InfluenceRun, progress_factory: Callable[[str, int], Callable[[int], None]] | None = None) -> Path:
     """Single process: compute every shard, then merge."""
     t0 = time.perf_counter()
+    prepare_out(job)
     timings = compute_shards(job, progress_factory=progress_factory)
     timings["total"] = time.perf_counter() - t0
     return merge(job, timings)
@@ -1088,15 +1135,18 @@ def run_job(job: InfluenceRun, launcher: str = "none", nproc: int = 2) -> Path |
     from dynamics import distributed
 
     job.validate()
-    if launcher == "torchrun":
-        distributed.relaunch(job, nproc)
-        return Path(job.out) / "influence.parquet"
-    if launcher != "none":
+    if launcher not in ("none", "torchrun"):
         raise DynamicsError(f"launcher must be none or torchrun, got {launcher!r}", field="launcher")
+    if launcher == "torchrun":  # this process prepares OUT; the ranks continue into it
+        prepare_out(job)
+        distributed.relaunch(replace(job, resume=True, overwrite=False), nproc)
+        return Path(job.out) / "influence.parquet"
     rank, world = distributed.init(job.config.device)
     if world > 1 and job.config.device.startswith("cuda"):
         job.config.device = f"cuda:{distributed.local_rank()}"
     t0 = time.perf_counter()
+    prepare_out(job, delete=rank == 0)  # every rank finds the same mistake, so each reports it and none waits
+    distributed.barrier()
     with distributed.progress(enabled=rank == 0) as factory:
         timings = compute_shards(job, rank, world, factory)
     distributed.barrier()

@@ -439,6 +439,50 @@ def test_cli_writes_table_manifest_and_resumes(tmp_path, cli):
     pd.testing.assert_frame_equal(pd.read_parquet(out / "influence.parquet"), df)
 
 
+def test_an_earlier_run_in_out_needs_resume_or_overwrite(tmp_path):
+    """OUT holding results: a plain rerun is refused and leaves them as they are; --resume continues only the
+    same inputs; --overwrite replaces the results and nothing else in OUT; a checkpoint retrained in place is
+    computed again under --resume, not read from the shards of its old weights."""
+    ckpt = tmp_path / "checkpoint-3"
+    load_model("tiny-llama").save(ckpt)
+    train, probes = _write(tmp_path / "train.jsonl", TRAIN), _write(tmp_path / "probes.jsonl", PROBES)
+    out = tmp_path / "out"
+    job = influence.InfluenceRun(ckpts=[str(ckpt)], train=str(train), probes=str(probes), out=str(out),
+                                 config=InfluenceConfig(target="gold"), shard_size=2)
+    first = pd.read_parquet(influence.run(job))
+    (out / "notes.txt").write_text("mine")
+    before = {p: p.read_bytes() for p in [out / "influence.parquet", *(out / "shards").iterdir()]}
+    fewer = _write(tmp_path / "fewer.jsonl", TRAIN[:3])
+    for changes, message in (({}, "holds the results of an earlier `dynamics influence` run: pass --resume"),
+                             ({"resume": True, "train": str(fewer)}, "holds results computed on other inputs"),
+                             ({"resume": True, "shard_size": 3}, "holds results computed on other inputs"),
+                             ({"resume": True, "overwrite": True}, "resume keeps .* and overwrite deletes them")):
+        with pytest.raises(DynamicsError, match=message):
+            influence.run(influence.InfluenceRun(**{**vars(job), **changes}))
+    assert {p: p.read_bytes() for p in before} == before
+    # the same inputs: --resume reads every shard back (and drops what a killed run left half-written)
+    half = out / "shards" / f".{sorted((out / 'shards').iterdir())[0].name}.x1y2.parquet"
+    half.write_bytes(b"PAR1")
+    pd.testing.assert_frame_equal(pd.read_parquet(influence.run(influence.InfluenceRun(**{**vars(job),
+                                                                                          "resume": True}))), first)
+    assert {p: p.read_bytes() for p in before} == before and not half.exists()
+    # retrained in place: other weights in the same folder
+    with torch.no_grad():
+        moved = load_model(str(ckpt))
+        for p in moved.model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0), dtype=p.dtype))
+    moved.save(ckpt)
+    again = pd.read_parquet(influence.run(influence.InfluenceRun(**{**vars(job), "resume": True})))
+    direct = compute(load_model(str(ckpt)), TRAIN, PROBES, InfluenceConfig(target="gold"))
+    np.testing.assert_allclose(again["kernel"], direct["kernel"], rtol=1e-5)
+    assert not np.allclose(again["kernel"], first["kernel"], rtol=1e-3)
+    # --overwrite: the results of other inputs replace them; other files stay
+    replaced = pd.read_parquet(influence.run(influence.InfluenceRun(**{**vars(job), "train": str(fewer),
+                                                                       "overwrite": True})))
+    assert set(replaced.train_id) == {r["id"] for r in TRAIN[:3]} and len(list((out / "shards").iterdir())) == 2
+    assert (out / "notes.txt").read_text() == "mine"
+
+
 @pytest.mark.parametrize("mode", ["exact", "projected"])
 def test_shards_of_a_checkpoint_share_one_probe_pass(tmp_path, monkeypatch, mode):
     """`dynamics influence` splits the training set into shards; the probes' gradients (and per-token gradients,

@@ -248,6 +248,8 @@ def test_cli_rejects_bad_files_cleanly(tmp_path, main_in_process, monkeypatch):
       "--proj-dim", "0"], "option --proj-dim: proj_dim must be >= 1"),
     (["influence", "--ckpt", "tiny-llama", "--train", "{good}", "--probes", "{good}", "--out", "{out}",
       "--mode", "projected", "--per-token"], "option --per-token: per_token needs mode exact, got 'projected'"),
+    (["influence", "--ckpt", "tiny-llama", "--train", "{good}", "--probes", "{good}", "--out", "{out}",
+      "--resume", "--overwrite"], "option --overwrite: resume keeps the folder's finished shards and overwrite"),
     (["eval", "--model", "tiny-llama", "--no-task", "--probes", "{good}", "--out", "{out}", "--batch-size", "0"],
      "option --batch-size: batch_size"),
     (["rollouts", "--model", "tiny-llama", "--data", "{good}", "--top-p", "1.5", "--out", "{out}/r.jsonl"],
