@@ -202,7 +202,8 @@ def run_eval(
     """Evaluate a model spec, checkpoint folder or every checkpoint of a run folder (in step order); write
     ``out_dir/eval.parquet`` (rows of every model so far, rewritten after each), ``out_dir/summary.jsonl`` and
     ``out_dir/manifest.json``. ``task_records`` / ``probes`` of None are made by :func:`load_inputs`.
-    Checkpoints already in ``eval.parquet`` under the same configuration are not evaluated again."""
+    Checkpoints already in ``eval.parquet`` under the same configuration and with the same weight files (names,
+    sizes, times) are not evaluated again."""
     from dynamics.models import load_model, resolve_checkpoints
 
     out_dir = Path(out_dir)
@@ -221,15 +222,21 @@ def run_eval(
         built_tasks, built_probes = load_inputs(config, out_dir, kind)
         task_records = built_tasks if task_records is None else task_records
         probes = built_probes if probes is None else probes
+    weights = {c.name: hashlib.sha256(c.fingerprint().encode()).hexdigest()[:16] for c in checkpoints}
     manifest = {"format": FORMAT, "model": str(spec), "config": {k: v for k, v in asdict(config).items()
                                                                  if k != "progress"},
-                "inputs": _inputs_hash(task_records, probes), "checkpoints": [c.name for c in checkpoints]}
+                "inputs": _inputs_hash(task_records, probes), "checkpoints": [c.name for c in checkpoints],
+                "weights": weights}
     manifest_path, parquet = out_dir / "manifest.json", out_dir / "eval.parquet"
     frames = []
     if parquet.exists() and manifest_path.exists():
         old = json.loads(manifest_path.read_text())
         if all(old.get(k) == manifest[k] for k in ("model", "config", "inputs")):
-            frames.append(pd.read_parquet(parquet))
+            # rows of a checkpoint whose weights changed since (retrained in place) are evaluated again
+            same = {m for m, w in (old.get("weights") or {}).items() if weights.get(m, w) == w}
+            rows = pd.read_parquet(parquet)
+            frames.append(rows[rows["model"].isin(same)])
+            manifest["weights"] = {**old["weights"], **weights} if same else weights
     done = {(m, int(s)) for f in frames for m, s in zip(f["model"], f["step"], strict=True)}
     for ckpt in checkpoints:  # a model loaded for its kind alone is not held while the others are evaluated
         if (ckpt.name, ckpt.step) in done:

@@ -8,7 +8,9 @@ from dataclasses import replace
 
 import pandas as pd
 import pytest
+import torch
 
+from dynamics import models
 from dynamics.data import write_records
 from dynamics.evaluate import COLUMNS, EvalConfig, evaluate_model, run_eval, summarise
 from dynamics.probes import text_suite, visual_suite
@@ -64,7 +66,7 @@ def make_run(tiny_lm, root):
     return run
 
 
-def test_run_folder_in_step_order_and_resume(tiny_lm, tmp_path):
+def test_run_folder_in_step_order_and_resume(tiny_lm, tmp_path, monkeypatch):
     run = make_run(tiny_lm, tmp_path)
     tasks = get_task("jigsaw").build(4, seed=1)
     probes = text_suite()[:6]
@@ -83,12 +85,27 @@ def test_run_folder_in_step_order_and_resume(tiny_lm, tmp_path):
     named_cfg = replace(QUIET, probes=str(tmp_path / "probes.jsonl"))
     named = run_eval(run, tasks, None, named_cfg, tmp_path / "named")
     pd.testing.assert_frame_equal(named, df)
-    # resuming: finished checkpoints are not loaded again (their weights are gone now), not even for the model's
-    # kind when the probes are named
-    for f in (run / "checkpoint-5").glob("*.safetensors"):
-        f.unlink()
+    # resuming: finished checkpoints are not loaded again, not even for the model's kind when the probes are named
+    loads = []
+    real_load = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda spec, **k: loads.append(spec) or real_load(spec, **k))
     pd.testing.assert_frame_equal(run_eval(run, tasks, probes, QUIET, tmp_path / "out"), df)
     pd.testing.assert_frame_equal(run_eval(run, tasks, None, named_cfg, tmp_path / "named"), df)
+    assert loads == []
+    # a checkpoint retrained in place (other weights in the same folder) is evaluated again, and only it
+    ckpt = run / "checkpoint-5"
+    with torch.no_grad():
+        moved = real_load(str(ckpt))
+        for p in moved.model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0), dtype=p.dtype))
+    moved.save(ckpt)
+    again = run_eval(run, tasks, probes, QUIET, tmp_path / "out")
+    assert loads == [str(ckpt)]
+    key = ["step", "kind", "item_id"]
+    fresh = run_eval(run, tasks, probes, QUIET, tmp_path / "fresh").sort_values(key, ignore_index=True)
+    pd.testing.assert_frame_equal(again.sort_values(key, ignore_index=True), fresh)
+    assert not fresh[fresh.step == 5]["logp_sum"].reset_index(drop=True).equals(
+        df[df.step == 5]["logp_sum"].reset_index(drop=True))
 
 
 def test_eval_command_on_the_tiny_vlm(cli, tmp_path):

@@ -132,9 +132,12 @@ def test_eval_of_a_run_resumes_after_sigkill_without_reevaluating(tmp_path):
     finished = sorted(set(pd.read_parquet(out / "eval.parquet")["step"]))
     assert 2 <= len(finished) < 6
     # a finished checkpoint past the first (which eval loads anyway, to pick the default probe suite) cannot
-    # be loaded any more: evaluating it again would fail
+    # be loaded any more: evaluating it again would fail. (Same size and time: to eval, the same weight files.)
     for step in finished[1:]:
-        (run / f"checkpoint-{step}" / "model.safetensors").write_bytes(b"not a model")
+        weights = run / f"checkpoint-{step}" / "model.safetensors"
+        stat = weights.stat()
+        weights.write_bytes(bytes(stat.st_size))
+        os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     run_ok(*args, "--out", str(out))
     got = pd.read_parquet(out / "eval.parquet").sort_values(["step", "item_id"], ignore_index=True)
     ref = pd.read_parquet(tmp_path / "ref" / "eval.parquet").sort_values(["step", "item_id"], ignore_index=True)
