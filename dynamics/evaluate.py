@@ -204,7 +204,7 @@ def run_eval(
     ``out_dir/manifest.json``. ``task_records`` / ``probes`` of None are made by :func:`load_inputs`.
     Checkpoints already in ``eval.parquet`` under the same configuration and with the same weight files (names,
     sizes, times) are not evaluated again."""
-    from dynamics.models import load_model, resolve_checkpoints
+    from dynamics.models import fingerprint, load_model, resolve_checkpoints
 
     out_dir = Path(out_dir)
     checkpoints = resolve_checkpoints(spec)
@@ -222,7 +222,7 @@ def run_eval(
         built_tasks, built_probes = load_inputs(config, out_dir, kind)
         task_records = built_tasks if task_records is None else task_records
         probes = built_probes if probes is None else probes
-    weights = {c.name: hashlib.sha256(c.fingerprint().encode()).hexdigest()[:16] for c in checkpoints}
+    weights = {c.name: hashlib.sha256(fingerprint(c.spec).encode()).hexdigest()[:16] for c in checkpoints}
     manifest = {"format": FORMAT, "model": str(spec), "config": {k: v for k, v in asdict(config).items()
                                                                  if k != "progress"},
                 "inputs": _inputs_hash(task_records, probes), "checkpoints": [c.name for c in checkpoints],

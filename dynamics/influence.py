@@ -72,7 +72,7 @@ from dynamics.gradients import (
     stacked_inner,
     stacked_self_inner,
 )
-from dynamics.models import LoadedModel, check_device
+from dynamics.models import LoadedModel, check_device, fingerprint
 from dynamics.store import atomic_path, check_folder, file_hash, make_folder, versions, write_json
 
 COLUMNS = ["ckpt", "step", "train_id", "probe_id", "kernel", "cosine", "train_norm", "probe_norm"]
@@ -985,7 +985,7 @@ def _inputs(job: InfluenceRun) -> tuple[list[dict], list[dict], list, list[list[
     shards = []
     for ci, ck in enumerate(ckpts):
         for bi in range(len(blocks)):
-            stem = f"{key}-{_slug(ck.fingerprint())}-{bi:05d}"
+            stem = f"{key}-{_slug(fingerprint(ck.spec))}-{bi:05d}"
             shards.append(Shard(ci * len(blocks) + bi, ck, bi, shards_dir / f"{stem}.parquet",
                                 shards_dir / f"{stem}.tokens.parquet"))
     return train, probes, ckpts, blocks, shards
@@ -1058,7 +1058,7 @@ def _train_features(lm: LoadedModel, block: list[dict], job: InfluenceRun, ck,
     cfg = job.config
     store = Path(job.features_dir) if job.features_dir else Path(job.out) / "features"
     make_folder(store)
-    fkey = _slug(json.dumps([ck.fingerprint(), [r["id"] for r in block], cfg.params, cfg.reduce, cfg.projection,
+    fkey = _slug(json.dumps([fingerprint(ck.spec), [r["id"] for r in block], cfg.params, cfg.reduce, cfg.projection,
                              cfg.proj_dim, cfg.proj_seed, cfg.dtype, cfg.products]))
     path = store / f"train-{fkey}.pt"
     if path.exists():

@@ -451,15 +451,17 @@ class Checkpoint:
     step: int
     name: str
 
-    def fingerprint(self) -> str:
-        """What identifies the weights: the spec, and for a folder the name, size and modification time of its
-        config and weight files (so a checkpoint retrained in place is a new one; a copied folder is too)."""
-        path = Path(self.spec)
-        files = sorted(p for pattern in WEIGHT_FILES for p in path.glob(pattern)) if path.is_dir() else []
-        return json.dumps([self.spec, [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]])
-
 
 WEIGHT_FILES = ("config.json", "adapter_config.json", "*.safetensors", "*.bin")
+
+
+def fingerprint(spec: str) -> str:
+    """What identifies a model's weights: its spec, and for a folder the name, size and modification time of its
+    config and weight files (so a checkpoint retrained in place is a new one; a copied folder is too)."""
+    path = Path(spec)
+    files = sorted(p for pattern in WEIGHT_FILES for p in path.glob(pattern)) if path.is_dir() else []
+    return json.dumps([spec, [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]])
+
 
 CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 

@@ -14,6 +14,7 @@ from dynamics.train.rollouts import (
     group_advantages,
     keep_rollouts,
     make_rollouts,
+    sample_in_shards,
     sample_rollouts,
     step_range,
 )
@@ -67,3 +68,27 @@ def test_rollouts_cli_writes_records_that_sft_reads(tmp_path, cli):
         make_rollouts(RolloutsConfig(out=str(tmp_path / "c.jsonl"), model="tiny-llama", n_prompts=3, samples=2,
                                      max_new_tokens=8, keep="correct"))
     assert not (tmp_path / "c.jsonl").exists()
+
+
+def test_resumed_rollouts_of_a_model_retrained_in_place_are_sampled_again(tmp_path, tiny_lm):
+    """``resume`` reads back finished shards only if the model's weight files are those they were sampled from."""
+    import torch
+
+    from dynamics.models import load_model
+
+    ckpt = tmp_path / "checkpoint-2"
+    tiny_lm.save(ckpt)
+    task = get_task("jigsaw")
+    prompts = task.build(4, seed=0)
+    cfg = RolloutsConfig(out=str(tmp_path / "r.jsonl"), model=str(ckpt), samples=2, max_new_tokens=8, shard_size=2,
+                         temperature=1.0, resume=True)
+    first = sample_in_shards(cfg, task, prompts)
+    assert sample_in_shards(cfg, task, prompts) == first  # read back
+    with torch.no_grad():
+        moved = load_model(str(ckpt))
+        for p in moved.model.parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0), dtype=p.dtype))
+    moved.save(ckpt)
+    again = sample_in_shards(cfg, task, prompts)
+    assert again == sample_in_shards(RolloutsConfig(**{**vars(cfg), "resume": False}), task, prompts)
+    assert [r["completion"] for r in again] != [r["completion"] for r in first]

@@ -167,14 +167,15 @@ def shards_dir(out: str | os.PathLike) -> Path:
 def sample_in_shards(config: RolloutsConfig, task: Any, records: Sequence[dict]) -> list[dict]:
     """:func:`sample_rollouts` over blocks of ``shard_size`` prompts (block k with seed ``seed + k``), each
     block written atomically to :func:`shards_dir`; with ``resume``, blocks already written under the same
-    configuration and prompts are read back instead of sampled again, so the result equals an uninterrupted
-    run's."""
-    from dynamics.models import load_model
+    configuration, prompts and model weights are read back instead of sampled again, so the result equals an
+    uninterrupted run's."""
+    from dynamics.models import fingerprint, load_model
 
     folder = shards_dir(config.out)
     opts = {k: v for k, v in asdict(config).items() if k not in ("out", "resume", "keep", "batch_size")}
-    key = hashlib.sha256(json.dumps([opts, [[r["id"], r["prompt"], r.get("answer"), r.get("images")]
-                                            for r in records]], sort_keys=True, default=str).encode()).hexdigest()[:12]
+    prompts = [[r["id"], r["prompt"], r.get("answer"), r.get("images")] for r in records]
+    key = hashlib.sha256(json.dumps([opts, fingerprint(config.model), prompts], sort_keys=True,
+                                    default=str).encode()).hexdigest()[:12]
     if not config.resume:
         shutil.rmtree(folder, ignore_errors=True)
     lm, rows = None, []
