@@ -960,9 +960,8 @@ def prepare_out(job: InfluenceRun, delete: bool = True) -> None:
     if not job.resume:
         raise DynamicsError("holds the results of an earlier `dynamics influence` run: pass --resume to keep its "
                             "finished shards or --overwrite to replace them", file=out)
-    key = _key(job)
-    stored = json.loads((out / "manifest.json").read_text()).get("key", key) if (out / "manifest.json").exists() \
-        else key
+    key, manifest = _key(job), out / "manifest.json"
+    stored = json.loads(manifest.read_text()).get("key", key) if manifest.exists() else key
     if stored != key or any(not p.name.startswith(f"{key}-") for p in shards):
         raise DynamicsError("holds results computed on other inputs (training or probe file, influence options or "
                             "shard size) than these, which --resume cannot continue: pass --overwrite to replace "
