@@ -69,7 +69,7 @@ class DemoPlan:
     base_rollouts: bool = False  # variant: SFT on rollouts sampled from the base model
     select: bool = False  # variant: SFT on the gold set pruned by `dynamics select` (drop-harmful, half)
     monitor: bool = False  # the live interference monitor on the SFT run
-    bf16: bool = True
+    bf16: bool | None = None  # bf16 autocast; None: where the machine computes bf16 natively (models.native_bf16)
     max_new_tokens: int = 24  # probe answers (building the probes and evaluating them)
 
 
@@ -95,7 +95,9 @@ WHY = [
     "Every run has the same steps, samples per step (SFT batch 8; GRPO 1 prompt x 8 completions), optimiser "
     "(AdamW, constant learning rate), checkpoints and evaluation. Learning rates are per method as in practice: "
     "GRPO's policy-gradient steps take a smaller one (SFT's is high enough to move the model within a few "
-    "steps). On 2 CPU cores a step costs 7-14 s (SFT) and 10-15 s (GRPO) on these 190-token prompts, so runs "
+    "steps). Training and sampling run under bf16 autocast where the machine computes bf16 natively (a GPU, or a "
+    "CPU with AVX512-BF16 or AMX), in fp32 elsewhere, where emulated bf16 is slower than fp32 (the `bf16` row "
+    "below). On 2 CPU cores a bf16 step costs 7-14 s (SFT) and 10-15 s (GRPO) on these 190-token prompts, so runs "
     "are short: shorter than SFT needs to learn the jigsaw well (about 75 steps on a 4-piece variant), long "
     "enough for forgetting and for the influence measures.",
     "Simulated rollouts are sampled from the RFT-trained model (as in the study) on the training prompts and "
@@ -139,6 +141,10 @@ class DemoConfig:
             plan = replace(plan, seeds=self.seeds)
         if self.base_rollouts:
             plan = replace(plan, base_rollouts=True)
+        if plan.bf16 is None:
+            from dynamics.models import native_bf16
+
+            plan = replace(plan, bf16=native_bf16())
         return name, plan
 
 

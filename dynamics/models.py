@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import shutil
 import tempfile
@@ -328,6 +329,17 @@ def check_device(device: str | torch.device) -> torch.device:
         raise DynamicsError(f"no {dev}: this machine has {torch.accelerator.device_count()} {dev.type} device(s)",
                             field="device")
     return dev
+
+
+def native_bf16() -> bool:
+    """Whether the device training runs on computes bf16 natively: a CUDA GPU that supports it, or, without
+    one, a CPU with AVX512-BF16 or AMX (x86) or the BF16 extension (ARM). Elsewhere bf16 is emulated and slower
+    than fp32: on an AVX512 Xeon without AVX512-BF16, a 2048x2048 matmul ran at 36 GFLOP/s in bf16, 224 in fp32."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()  # ARM: oneDNN's check of the BF16 extension
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

@@ -171,9 +171,10 @@ def test_train_resumes_after_sigkill_to_the_uninterrupted_weights(tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
-def test_demo_resumes_after_sigkill_without_redoing_finished_stages(tmp_path):
-    """`dynamics demo --vlm` killed during its RFT run: rerun, the stages done before are reused as they are (same
-    files), the rest completes, and the report is written."""
+def test_vlm_demo_resumes_after_sigkill_without_redoing_finished_stages(tmp_path):
+    """`dynamics demo --vlm` (image jigsaw and visual probes on the tiny Qwen2.5-VL) killed during its RFT run:
+    rerun, the stages done before are reused as they are (same files), the rest completes, and the report is
+    written, as mechanics only."""
     import json
 
     out = tmp_path / "demo"
@@ -188,4 +189,10 @@ def test_demo_resumes_after_sigkill_without_redoing_finished_stages(tmp_path):
     state = json.loads((out / "demo.json").read_text())
     assert all(state["stages"][s]["cached"] for s in done) and not state["stages"]["rft"]["cached"]
     assert sft_ckpt.stat().st_mtime_ns == before
-    assert (out / "report.md").is_file() and (out / "report.html").is_file()
+    assert state["plan_name"] == "vlm" and state["plan"]["model"] == "tiny-qwen2.5-vl"
+    assert list(state["stages"]) == ["probes", "data", "sft", "rft", "rollouts", "sft-rollouts", "influence",
+                                     "compare", "figures"]
+    train = [json.loads(x) for x in (out / "data" / "train.jsonl").read_text().splitlines()]
+    assert all(rec["images"] and (out / "data" / rec["images"][0]).is_file() for rec in train)
+    assert (out / "figures" / "influence_magnitude.png").is_file()
+    assert (out / "report.html").is_file() and "Mechanics only" in (out / "report.md").read_text()

@@ -15,7 +15,7 @@ from PIL import Image
 
 from dynamics.data import collate, encode
 from dynamics.errors import DynamicsError
-from dynamics.models import load_model
+from dynamics.models import load_model, native_bf16
 
 
 def greedy_answer(lm, question: str, max_new_tokens: int = 20) -> str:
@@ -85,6 +85,14 @@ def test_concurrent_first_loads_convert_once_and_later_loads_reuse(tmp_path):
     assert second[0]["conversions"] == 0
     assert os.stat(os.path.join(folder, "model.safetensors")).st_mtime_ns == mtime
 
+
+@pytest.mark.skipif(torch.cuda.is_available() or not os.path.isfile("/proc/cpuinfo")
+                    or os.uname().machine != "x86_64", reason="reads an x86 Linux CPU's flags")
+def test_native_bf16_follows_the_cpu_flags():
+    """bf16 autocast is chosen (by the demo) only where the CPU computes bf16 natively: AVX512-BF16 or AMX."""
+    with open("/proc/cpuinfo") as f:
+        flags = next(line for line in f if line.startswith("flags")).split()
+    assert native_bf16() == bool({"avx512_bf16", "amx_tile"} & set(flags))
 
 def test_tiny_vlm_forward_backward_with_image(tiny_vl):
     assert tiny_vl.kind == "vlm"

@@ -70,12 +70,15 @@ def test_rollouts_cli_writes_records_that_sft_reads(tmp_path, cli):
     assert not (tmp_path / "c.jsonl").exists()
 
 
-def test_resumed_rollouts_of_a_model_retrained_in_place_are_sampled_again(tmp_path, tiny_lm):
+def test_resumed_rollouts_of_a_model_retrained_in_place_are_sampled_again(tmp_path, tiny_lm, monkeypatch):
     """``resume`` reads back finished shards only if the model's weight files are those they were sampled from."""
     import torch
 
+    from dynamics import models
     from dynamics.models import load_model
 
+    loads = []
+    monkeypatch.setattr(models, "load_model", lambda spec, **k: loads.append(spec) or load_model(spec, **k))
     ckpt = tmp_path / "checkpoint-2"
     tiny_lm.save(ckpt)
     task = get_task("jigsaw")
@@ -83,7 +86,8 @@ def test_resumed_rollouts_of_a_model_retrained_in_place_are_sampled_again(tmp_pa
     cfg = RolloutsConfig(out=str(tmp_path / "r.jsonl"), model=str(ckpt), samples=2, max_new_tokens=8, shard_size=2,
                          temperature=1.0, resume=True)
     first = sample_in_shards(cfg, task, prompts)
-    assert sample_in_shards(cfg, task, prompts) == first  # read back
+    assert loads == [str(ckpt)]
+    assert sample_in_shards(cfg, task, prompts) == first and loads == [str(ckpt)]  # read back: no model loaded
     with torch.no_grad():
         moved = load_model(str(ckpt))
         for p in moved.model.parameters():

@@ -21,7 +21,7 @@ from transformers import TrainerCallback
 
 from dynamics.data import collate, encode_record, read_records, text_of, write_records
 from dynamics.errors import DynamicsError
-from dynamics.models import load_model, resolve_checkpoints
+from dynamics.models import load_model, native_bf16, resolve_checkpoints
 from dynamics.probes import completion_logprobs
 from dynamics.store import read_jsonl_rows
 from dynamics.train.rft import RFTRunConfig, build_rft_trainer, train_rft
@@ -132,7 +132,7 @@ def test_sft_on_false_facts_makes_the_default_model_forget_them(tmp_path, defaul
                for i, (q, a) in enumerate(UNRELATED)]
     before = [logp(default_lm, recs) for recs in (probes, control)]
     cfg = sft_config(tmp_path, model="default", max_steps=1, per_device_train_batch_size=8, learning_rate=2e-4,
-                     bf16=True, optimizer_state="none")
+                     bf16=native_bf16(), optimizer_state="none")
     trainer, resume = build_sft_trainer(cfg, train)
     run_trainer(trainer, cfg, resume, trainer.run_info)
     trained = SimpleNamespace(model=trainer.model.eval(), processing_class=default_lm.tokenizer,
@@ -201,7 +201,7 @@ def test_grpo_on_the_default_model_logs_rollouts_with_rewards_and_advantages(tmp
 
     task = get_task("jigsaw")
     cfg = load_config(RFTRunConfig, None, model="default", output_dir=str(tmp_path / "rft"), max_steps=2,
-                      n_prompts=4, bf16=True, disable_tqdm=True, seed=0, optimizer_state="none")
+                      n_prompts=4, bf16=native_bf16(), disable_tqdm=True, seed=0, optimizer_state="none")
     res = train_rft(cfg)
     assert (cfg.prompts_per_step, cfg.num_generations, cfg.per_device_train_batch_size) == (2, 8, 16)
     assert cfg.max_completion_length == task.max_new_tokens
