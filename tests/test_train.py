@@ -142,6 +142,14 @@ def test_sft_on_false_facts_makes_the_default_model_forget_them(tmp_path, defaul
     assert d_control.mean() > 0 and d_probe.mean() < d_control.mean() - 2
 
 
+def test_bf16_on_a_cpu_that_emulates_it_is_noted(tmp_path, capsys):
+    """A CPU run under bf16 autocast says, in one line, when the CPU has no native bf16 (it is then slower than
+    fp32); an fp32 run, or a CPU with AVX512-BF16 or AMX, says nothing about it."""
+    for bf16 in (True, False):
+        train_sft(sft_config(tmp_path, f"bf16-{bf16}", max_steps=1, bf16=bf16, optimizer_state="none"), sums(4))
+        noted = [line for line in capsys.readouterr().err.splitlines() if "bf16 autocast is emulated" in line]
+        assert len(noted) == (bf16 and not torch.cuda.is_available() and not native_bf16())
+
 def test_in_run_eval_starts_at_the_base_and_matches_offline_eval(tmp_path):
     """eval.jsonl gets a row at step 0 (the base model), every N steps and at the end; the last row equals
     evaluating the saved checkpoint offline with the same inputs."""

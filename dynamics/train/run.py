@@ -422,6 +422,12 @@ def run_trainer(trainer: Any, config: Any, resume_from: Path | None, info: RunIn
         if changed and config.should_save:  # one line, from the main process
             print(f"{run}: resuming from {resume_from.name} with changed options: "
                   + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()), file=sys.stderr)
+    if config.bf16 and config.use_cpu and config.should_save:
+        from dynamics.models import native_bf16
+
+        if not native_bf16():
+            print(f"{run}: bf16 autocast is emulated on this CPU (no AVX512-BF16 or AMX) and slower than fp32: "
+                  "--no-bf16 trains faster", file=sys.stderr)
     manifest = info.manifest(command=sys.argv, started=previous.get("started", now()), status="running",
                              resumes=resumes)
     if config.should_save:
