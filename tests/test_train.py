@@ -150,6 +150,7 @@ def test_bf16_on_a_cpu_that_emulates_it_is_noted(tmp_path, capsys):
         noted = [line for line in capsys.readouterr().err.splitlines() if "bf16 autocast is emulated" in line]
         assert len(noted) == (bf16 and not torch.cuda.is_available() and not native_bf16())
 
+
 def test_in_run_eval_starts_at_the_base_and_matches_offline_eval(tmp_path):
     """eval.jsonl gets a row at step 0 (the base model), every N steps and at the end; the last row equals
     evaluating the saved checkpoint offline with the same inputs."""

@@ -426,8 +426,8 @@ def run_trainer(trainer: Any, config: Any, resume_from: Path | None, info: RunIn
         from dynamics.models import native_bf16
 
         if not native_bf16():
-            print(f"{run}: bf16 autocast is emulated on this CPU (no AVX512-BF16 or AMX) and slower than fp32: "
-                  "--no-bf16 trains faster", file=sys.stderr)
+            print(f"{run}: bf16 autocast is emulated on this CPU (no AVX512-BF16, AMX or ARM BF16) and slower "
+                  "than fp32: --no-bf16 trains faster", file=sys.stderr)
     manifest = info.manifest(command=sys.argv, started=previous.get("started", now()), status="running",
                              resumes=resumes)
     if config.should_save:
