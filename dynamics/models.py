@@ -331,11 +331,12 @@ def check_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def native_bf16() -> bool:
-    """Whether the device training runs on computes bf16 natively: a CUDA GPU that supports it, or, without
-    one, a CPU with AVX512-BF16 or AMX (x86) or the BF16 extension (ARM). Elsewhere bf16 is emulated and slower
-    than fp32: on an AVX512 Xeon without AVX512-BF16, a 2048x2048 matmul ran at 36 GFLOP/s in bf16, 224 in fp32."""
-    if torch.cuda.is_available():
+def native_bf16(device: str | None = None) -> bool:
+    """Whether ``device`` (default: where training runs, CUDA if there is a GPU, else the CPU) computes bf16
+    natively: a CUDA GPU that supports it, or a CPU with AVX512-BF16 or AMX (x86) or the BF16 extension (ARM).
+    Elsewhere bf16 is emulated and slower than fp32: on an AVX512 Xeon without AVX512-BF16, a 2048x2048 matmul
+    ran at 36 GFLOP/s in bf16, 224 in fp32."""
+    if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
         return torch.cuda.is_bf16_supported()
     if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
         return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()

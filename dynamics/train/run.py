@@ -425,7 +425,7 @@ def run_trainer(trainer: Any, config: Any, resume_from: Path | None, info: RunIn
     if config.bf16 and config.use_cpu and config.should_save:
         from dynamics.models import native_bf16
 
-        if not native_bf16():
+        if not native_bf16("cpu"):
             print(f"{run}: bf16 autocast is emulated on this CPU (no AVX512-BF16, AMX or ARM BF16) and slower "
                   "than fp32: --no-bf16 trains faster", file=sys.stderr)
     manifest = info.manifest(command=sys.argv, started=previous.get("started", now()), status="running",
