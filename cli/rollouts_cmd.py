@@ -26,7 +26,8 @@ def rollouts(
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Default: the task's budget."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
     batch_size: int = typer.Option(16, "--batch-size"),
-    bf16: bool = typer.Option(False, "--bf16", help="Sample under bf16 autocast (as `train rft --bf16` does)."),
+    bf16: bool = typer.Option(False, "--bf16", help="Sample under bf16 autocast, as `train rft --bf16` "
+                              "does (CPU: needs avx512_bf16/AMX to be fast)."),
     keep: str = typer.Option("all", "--keep", help="all, or correct: only rollouts with accuracy 1 (SFT-ready)."),
     from_run: Path | None = typer.Option(None, "--from-run", help="Extract the rollouts an RFT run logged instead."),
     steps: str | None = typer.Option(None, "--steps", help="With --from-run: step range A:B (inclusive)."),

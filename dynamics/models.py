@@ -343,6 +343,8 @@ def native_bf16(device: str | None = None) -> bool:
     return torch.ops.mkldnn._is_mkldnn_bf16_supported()  # ARM: oneDNN's check of the BF16 extension
 
 
+BF16_EMULATED = "bf16 autocast is emulated on this CPU (no AVX512-BF16, AMX or ARM BF16) and slower than fp32"
+
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 

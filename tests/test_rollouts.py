@@ -70,6 +70,18 @@ def test_rollouts_cli_writes_records_that_sft_reads(tmp_path, cli):
     assert not (tmp_path / "c.jsonl").exists()
 
 
+def test_bf16_sampling_on_a_cpu_that_emulates_it_is_noted(tmp_path, capsys):
+    """Sampling under bf16 autocast says, in one line, when the CPU has no native bf16 (it is then slower than
+    fp32); sampling in fp32, or on a CPU with AVX512-BF16 or AMX, says nothing about it."""
+    from dynamics.models import native_bf16
+
+    for bf16 in (True, False):
+        make_rollouts(RolloutsConfig(out=str(tmp_path / f"{bf16}.jsonl"), model="tiny-llama", n_prompts=2, samples=1,
+                                     max_new_tokens=4, bf16=bf16))
+        noted = [line for line in capsys.readouterr().err.splitlines() if "bf16 autocast is emulated" in line]
+        assert len(noted) == (bf16 and not native_bf16("cpu"))
+
+
 def test_resumed_rollouts_of_a_model_retrained_in_place_are_sampled_again(tmp_path, tiny_lm, monkeypatch):
     """``resume`` reads back finished shards only if the model's weight files are those they were sampled from."""
     import torch

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -169,7 +170,7 @@ def sample_in_shards(config: RolloutsConfig, task: Any, records: Sequence[dict])
     block written atomically to :func:`shards_dir`; with ``resume``, blocks already written under the same
     configuration, prompts and model weights are read back instead of sampled again, so the result equals an
     uninterrupted run's."""
-    from dynamics.models import fingerprint, load_model
+    from dynamics.models import BF16_EMULATED, fingerprint, load_model, native_bf16
 
     folder = shards_dir(config.out)
     opts = {k: v for k, v in asdict(config).items() if k not in ("out", "resume", "keep", "batch_size")}
@@ -184,7 +185,10 @@ def sample_in_shards(config: RolloutsConfig, task: Any, records: Sequence[dict])
         if path.is_file():
             rows += read_jsonl_rows(path)
             continue
-        lm = lm or load_model(config.model)
+        if lm is None:
+            lm = load_model(config.model)
+            if config.bf16 and not native_bf16("cpu"):
+                print(f"{config.out}: {BF16_EMULATED}: without --bf16 it samples faster", file=sys.stderr)
         block = sample_rollouts(lm, task, records[start:start + config.shard_size], samples=config.samples,
                                 temperature=config.temperature, top_p=config.top_p,
                                 max_new_tokens=config.max_new_tokens, seed=config.seed + k,

@@ -423,11 +423,10 @@ def run_trainer(trainer: Any, config: Any, resume_from: Path | None, info: RunIn
             print(f"{run}: resuming from {resume_from.name} with changed options: "
                   + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()), file=sys.stderr)
     if config.bf16 and config.use_cpu and config.should_save:
-        from dynamics.models import native_bf16
+        from dynamics.models import BF16_EMULATED, native_bf16
 
         if not native_bf16("cpu"):
-            print(f"{run}: bf16 autocast is emulated on this CPU (no AVX512-BF16, AMX or ARM BF16) and slower "
-                  "than fp32: --no-bf16 trains faster", file=sys.stderr)
+            print(f"{run}: {BF16_EMULATED}: --no-bf16 trains faster", file=sys.stderr)
     manifest = info.manifest(command=sys.argv, started=previous.get("started", now()), status="running",
                              resumes=resumes)
     if config.should_save:
