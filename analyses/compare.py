@@ -22,7 +22,6 @@ one for likelihood, which depends on the prompt: ``paired_diff`` with its interv
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import math
@@ -37,7 +36,7 @@ from dynamics.analyses import style
 from dynamics.analyses.loader import InfluenceSet, per_train_sample
 from dynamics.analyses.stats import CONFIDENCE, N_RESAMPLES, holm, mean_ci, two_sample
 from dynamics.errors import DynamicsError, check_bounds
-from dynamics.store import atomic_path, file_hash, versions, write_json
+from dynamics.store import atomic_path, file_hash, text_hash, versions, write_json
 
 # measure -> (panel title, axis label with units)
 MEASURES = {
@@ -121,7 +120,7 @@ def prompt_key(record: dict) -> str:
     """A record's prompt (messages and images) as 16 hex digits of SHA-256: samples of different data sets
     with equal keys answer the same prompt."""
     key = json.dumps([record.get("prompt"), record.get("images")], sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
+    return text_hash(key, 16)
 
 
 def sample_table(cfg: CompareConfig) -> pd.DataFrame:

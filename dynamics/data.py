@@ -20,7 +20,6 @@ Without a chat template: prompt ids + completion ids + eos.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -31,7 +30,7 @@ from typing import Any
 import torch
 
 from dynamics.errors import DynamicsError
-from dynamics.store import atomic_path, input_file
+from dynamics.store import atomic_path, input_file, text_hash
 
 ROLES = ("system", "user", "assistant", "tool")
 KNOWN_FIELDS = {
@@ -89,7 +88,7 @@ def record_id(record: dict) -> str:
     """A stable id from the record's content (prompt, completion, images): 16 hex digits of SHA-256."""
     key = json.dumps([record.get("prompt"), record.get("completion"), record.get("images")], sort_keys=True,
                      ensure_ascii=False)
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
+    return text_hash(key, 16)
 
 
 def validate_record(

@@ -14,7 +14,6 @@ each (an interrupted evaluation resumes where it stopped) and ``OUT/summary.json
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -25,7 +24,7 @@ import pandas as pd
 
 from dynamics.errors import DynamicsError, check_bounds
 from dynamics.models import LoadedModel
-from dynamics.store import atomic_path, versions, write_json, write_jsonl
+from dynamics.store import atomic_path, text_hash, versions, write_json, write_jsonl
 
 COLUMNS = ["model", "step", "item_id", "kind", "category", "correct", "logp_sum", "logp_mean", "reward", "hit",
            "format", "response", "logp_base_sum", "logp_base_mean"]
@@ -222,7 +221,7 @@ def run_eval(
         built_tasks, built_probes = load_inputs(config, out_dir, kind)
         task_records = built_tasks if task_records is None else task_records
         probes = built_probes if probes is None else probes
-    weights = {c.name: hashlib.sha256(fingerprint(c.spec).encode()).hexdigest()[:16] for c in checkpoints}
+    weights = {c.name: text_hash(fingerprint(c.spec), 16) for c in checkpoints}
     manifest = {"format": FORMAT, "model": str(spec), "config": {k: v for k, v in asdict(config).items()
                                                                  if k != "progress"},
                 "inputs": _inputs_hash(task_records, probes), "checkpoints": [c.name for c in checkpoints],
@@ -260,7 +259,7 @@ def _inputs_hash(task_records: Sequence[dict], probes: Sequence[dict]) -> str:
     keys = ("id", "prompt", "completion", "answer", "images")
     rows = [[{k: r.get(k) for k in keys}, (r.get("meta") or {}).get("base_response")]
             for r in [*task_records, *probes]]
-    return hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return text_hash(json.dumps(rows, sort_keys=True, default=str), 16)
 
 
 def summaries(df: pd.DataFrame) -> list[dict[str, Any]]:

@@ -34,7 +34,6 @@ positions.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -73,7 +72,7 @@ from dynamics.gradients import (
     stacked_self_inner,
 )
 from dynamics.models import LoadedModel, check_device, fingerprint
-from dynamics.store import atomic_path, check_folder, file_hash, make_folder, versions, write_json
+from dynamics.store import atomic_path, check_folder, file_hash, make_folder, text_hash, versions, write_json
 
 COLUMNS = ["ckpt", "step", "train_id", "probe_id", "kernel", "cosine", "train_norm", "probe_norm"]
 
@@ -922,13 +921,9 @@ class Shard:
     tokens_path: Path
 
 
-def _slug(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
 def _key(job: InfluenceRun) -> str:
     """What every shard of a run shares: its options and the contents of its training and probe files."""
-    return _slug(json.dumps([asdict(job.config), file_hash(job.train), file_hash(job.probes), job.shard_size]))
+    return text_hash(json.dumps([asdict(job.config), file_hash(job.train), file_hash(job.probes), job.shard_size]), 12)
 
 
 RESULTS = ("influence.parquet", "influence_tokens.parquet", "predict_check.parquet", "manifest.json", "shards",
@@ -984,7 +979,7 @@ def _inputs(job: InfluenceRun) -> tuple[list[dict], list[dict], list, list[list[
     shards = []
     for ci, ck in enumerate(ckpts):
         for bi in range(len(blocks)):
-            stem = f"{key}-{_slug(fingerprint(ck.spec))}-{bi:05d}"
+            stem = f"{key}-{text_hash(fingerprint(ck.spec), 12)}-{bi:05d}"
             shards.append(Shard(ci * len(blocks) + bi, ck, bi, shards_dir / f"{stem}.parquet",
                                 shards_dir / f"{stem}.tokens.parquet"))
     return train, probes, ckpts, blocks, shards
@@ -1057,8 +1052,8 @@ def _train_features(lm: LoadedModel, block: list[dict], job: InfluenceRun, ck,
     cfg = job.config
     store = Path(job.features_dir) if job.features_dir else Path(job.out) / "features"
     make_folder(store)
-    fkey = _slug(json.dumps([fingerprint(ck.spec), [r["id"] for r in block], cfg.params, cfg.reduce, cfg.projection,
-                             cfg.proj_dim, cfg.proj_seed, cfg.dtype, cfg.products]))
+    fkey = text_hash(json.dumps([fingerprint(ck.spec), [r["id"] for r in block], cfg.params, cfg.reduce,
+                                 cfg.projection, cfg.proj_dim, cfg.proj_seed, cfg.dtype, cfg.products]), 12)
     path = store / f"train-{fkey}.pt"
     if path.exists():
         if tick:

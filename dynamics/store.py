@@ -141,6 +141,11 @@ def read_jsonl_rows(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
+def text_hash(text: str, n: int = 64) -> str:
+    """The first ``n`` hex digits of the SHA-256 of ``text`` (UTF-8): the key of content-addressed names."""
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
 def file_hash(path: str | os.PathLike, algo: str = "sha256") -> str:
     """Hex digest of a file's bytes (folders: of every file inside, by relative path)."""
     path = Path(path)

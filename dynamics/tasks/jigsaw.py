@@ -41,7 +41,6 @@ text (1x3, 1 shot)         0.27        1.70           0.08         0.48         
 from __future__ import annotations
 
 import functools
-import hashlib
 import random
 import re
 from dataclasses import asdict, dataclass, fields
@@ -49,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from dynamics.errors import DynamicsError
-from dynamics.store import make_folder
+from dynamics.store import make_folder, text_hash
 from dynamics.tasks import Task, format_task_args
 
 FORMS = ("text", "image")
@@ -390,7 +389,7 @@ def default_image_dir(cfg: JigsawConfig, seed: int) -> Path:
     from dynamics.models import cache_dir
 
     key = format_task_args({k: v for k, v in asdict(cfg).items() if k != "image_dir"})
-    return cache_dir() / "jigsaw" / f"{hashlib.sha256(key.encode()).hexdigest()[:12]}-{seed}"
+    return cache_dir() / "jigsaw" / f"{text_hash(key, 12)}-{seed}"
 
 
 def build(cfg: JigsawConfig, n: int, seed: int = 0) -> list[dict]:

@@ -6,7 +6,6 @@ Only the main process writes; in a multi-process run the others wait at a barrie
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -20,7 +19,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from dynamics.errors import DynamicsError
 from dynamics.models import LoadedModel
-from dynamics.store import append_jsonl, atomic_path, read_jsonl_rows, read_parquet, write_json
+from dynamics.store import append_jsonl, atomic_path, read_jsonl_rows, read_parquet, text_hash, write_json
 from dynamics.train.schedules import checkpoint_steps
 
 # TRL's log keys -> the run folder's column names (DESIGN.md: metrics.jsonl)
@@ -171,8 +170,8 @@ class EvalCallback(TrainerCallback):
         self.name = name or self.run.name
         self.base_from = Path(base_from) if base_from else None
         settings = {k: v for k, v in asdict(config).items() if k not in ("progress", "task_data", "probes")}
-        self.inputs_key = hashlib.sha256(json.dumps([model_spec, task_records, probes, settings], sort_keys=True,
-                                                    default=str).encode()).hexdigest()
+        self.inputs_key = text_hash(json.dumps([model_spec, task_records, probes, settings], sort_keys=True,
+                                               default=str))
 
     def evaluate(self, model: torch.nn.Module, step: int) -> dict | None:
         """Evaluate ``model`` now and log it as ``step`` (main process; the others wait)."""

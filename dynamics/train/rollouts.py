@@ -14,7 +14,6 @@ sampled and RFT-logged rollouts can be analysed alike. ``keep="correct"`` keeps 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -28,7 +27,7 @@ import torch
 
 from dynamics.data import read_records, write_records
 from dynamics.errors import DynamicsError, check_bounds
-from dynamics.store import check_file, read_jsonl_rows, write_jsonl
+from dynamics.store import check_file, read_jsonl_rows, text_hash, write_jsonl
 
 KEEP = ("all", "correct")
 
@@ -175,8 +174,7 @@ def sample_in_shards(config: RolloutsConfig, task: Any, records: Sequence[dict])
     folder = shards_dir(config.out)
     opts = {k: v for k, v in asdict(config).items() if k not in ("out", "resume", "keep", "batch_size")}
     prompts = [[r["id"], r["prompt"], r.get("answer"), r.get("images")] for r in records]
-    key = hashlib.sha256(json.dumps([opts, fingerprint(config.model), prompts], sort_keys=True,
-                                    default=str).encode()).hexdigest()[:12]
+    key = text_hash(json.dumps([opts, fingerprint(config.model), prompts], sort_keys=True, default=str), 12)
     if not config.resume:
         shutil.rmtree(folder, ignore_errors=True)
     lm, rows = None, []

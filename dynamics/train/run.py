@@ -38,6 +38,7 @@ from dynamics.store import (
     file_hash,
     input_file,
     read_jsonl_rows,
+    text_hash,
     versions,
     write_json,
     write_jsonl,
@@ -243,12 +244,10 @@ def prepare_run(config: Any) -> Path | None:
 
 def data_fingerprint(path: str | os.PathLike | None, records: Sequence[dict] | None = None) -> str:
     """SHA-256 of a data file, or of records' canonical JSON when they were built in memory."""
-    import hashlib
-
     if path is not None:
         return file_hash(path)
     blob = json.dumps(records or [], sort_keys=True, ensure_ascii=False, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return text_hash(blob)
 
 
 def base_model_spec(spec: str, lm: Any) -> str:
