@@ -72,7 +72,16 @@ from dynamics.gradients import (
     stacked_self_inner,
 )
 from dynamics.models import LoadedModel, check_device, fingerprint
-from dynamics.store import atomic_path, check_folder, file_hash, make_folder, text_hash, versions, write_json
+from dynamics.store import (
+    atomic_path,
+    check_folder,
+    concat_parquet,
+    file_hash,
+    make_folder,
+    text_hash,
+    versions,
+    write_json,
+)
 
 COLUMNS = ["ckpt", "step", "train_id", "probe_id", "kernel", "cosine", "train_norm", "probe_norm"]
 
@@ -1077,13 +1086,9 @@ def merge(job: InfluenceRun, timings: dict[str, float] | None = None) -> Path:
         raise DynamicsError(f"{len(missing)} shards are missing; rerun with --resume", file=missing[0])
     timings = dict(timings or {})
     t0 = time.perf_counter()
-    df = pd.concat([pd.read_parquet(s.path) for s in shards], ignore_index=True)
-    with atomic_path(out / "influence.parquet") as tmp:
-        df.to_parquet(tmp, index=False)
+    concat_parquet([s.path for s in shards], out / "influence.parquet")  # one shard in memory at a time
     if job.config.per_token:
-        tok = pd.concat([pd.read_parquet(s.tokens_path) for s in shards], ignore_index=True)
-        with atomic_path(out / "influence_tokens.parquet") as tmp:
-            tok.to_parquet(tmp, index=False)
+        concat_parquet([s.tokens_path for s in shards], out / "influence_tokens.parquet")
     timings["write"] = timings.get("write", 0.0) + time.perf_counter() - t0
     extra = {}
     if job.predict_check:

@@ -13,7 +13,7 @@ import json
 import os
 import platform
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -120,6 +120,26 @@ def read_parquet(path: str | os.PathLike) -> pd.DataFrame:
     import pandas as pd
 
     return pd.read_parquet(io.BytesIO(Path(path).read_bytes()))
+
+
+def concat_parquet(paths: Sequence[str | os.PathLike], out: str | os.PathLike) -> None:
+    """Write the rows of the parquet files ``paths``, in order, to ``out`` (atomically), holding one file's
+    table in memory at a time: the merged table may be far larger than memory."""
+    import pyarrow.parquet as pq
+
+    with atomic_path(out) as tmp:
+        writer = None
+        try:
+            for path in paths:
+                table = pq.read_table(path)
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, table.schema)
+                elif not table.schema.equals(writer.schema, check_metadata=False):
+                    table = table.cast(writer.schema)  # e.g. a column all null in one file
+                writer.write_table(table)
+        finally:
+            if writer is not None:
+                writer.close()
 
 
 def read_jsonl_rows(path: str | os.PathLike) -> list[dict]:

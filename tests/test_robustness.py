@@ -511,3 +511,32 @@ def test_read_parquet_while_another_writer_replaces_the_file(tmp_path):
         stop.set()
         writer.join()
     assert seen <= {10, 3000} and len(seen) == 2, seen  # both tables were read, each whole
+
+
+def test_concat_parquet_holds_one_file_at_a_time(tmp_path, monkeypatch):
+    """store.concat_parquet (how `dynamics influence` merges its shards) writes the files' rows in order into one
+    table equal to their concatenation, reading one file at a time: Arrow's allocation when each later file is
+    read does not grow with the files already written. A column all null in one file takes the others' type."""
+    import numpy as np
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dynamics.store import concat_parquet
+
+    n, paths = 20_000, []
+    for k in range(6):
+        df = pd.DataFrame({"train_id": [f"t{k}-{i}" for i in range(n)], "kernel": np.arange(n) * (k + 0.5),
+                           "step": k, "note": None if k == 2 else "x"})
+        paths.append(tmp_path / f"{k}.parquet")
+        df.to_parquet(paths[-1], index=False)
+    held, read_table = [], pq.read_table
+    monkeypatch.setattr(pq, "read_table", lambda *a, **k: held.append(pa.total_allocated_bytes()) or read_table(*a, **k))
+    concat_parquet(paths, tmp_path / "all.parquet")
+    monkeypatch.undo()
+    one = pq.read_table(paths[0]).nbytes
+    assert len(held) == 6 and max(held[1:]) - min(held[1:]) < one, (held, one)  # held all: 4 more at the last
+    merged = pd.read_parquet(tmp_path / "all.parquet")
+    expected = pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True)
+    pd.testing.assert_frame_equal(merged.drop(columns="note"), expected.drop(columns="note"))
+    assert merged["note"].isna().sum() == n and (merged["note"].dropna() == "x").sum() == 5 * n
