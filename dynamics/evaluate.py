@@ -232,10 +232,10 @@ def run_eval(
         old = json.loads(manifest_path.read_text())
         if all(old.get(k) == manifest[k] for k in ("model", "config", "inputs")):
             # rows of a checkpoint whose weights changed since (retrained in place) are evaluated again
-            same = {m for m, w in (old.get("weights") or {}).items() if weights.get(m, w) == w}
+            kept = {m: w for m, w in (old.get("weights") or {}).items() if weights.get(m, w) == w}
             rows = pd.read_parquet(parquet)
-            frames.append(rows[rows["model"].isin(same)])
-            manifest["weights"] = {**old["weights"], **weights} if same else weights
+            frames.append(rows[rows["model"].isin(set(kept))])
+            manifest["weights"] = {**kept, **weights}
     done = {(m, int(s)) for f in frames for m, s in zip(f["model"], f["step"], strict=True)}
     for ckpt in checkpoints:  # a model loaded for its kind alone is not held while the others are evaluated
         if (ckpt.name, ckpt.step) in done:
