@@ -36,7 +36,7 @@ import torch
 from dynamics.data import collate, encode_record, read_records, write_records
 from dynamics.errors import DynamicsError, check_bounds
 from dynamics.models import LoadedModel
-from dynamics.store import check_file, make_folder, write_json
+from dynamics.store import check_file, make_folder, write_image, write_json
 
 TEXT_SUITE = "probes_text.jsonl"
 SUITES = ("text", "visual")
@@ -63,7 +63,7 @@ def visual_suite(image_dir: str | Path, n_per_category: int = 12, seed: int = 0)
             image, question, answer = draw_probe_image(category, rng)
             rid = f"visual-{category}-{i:03d}"
             path = image_dir / f"{rid}.png"
-            image.save(path)
+            write_image(path, image)
             records.append({
                 "id": rid, "prompt": [{"role": "user", "content": question}],
                 "completion": [{"role": "assistant", "content": answer[0].upper() + answer[1:]}],

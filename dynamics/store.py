@@ -22,6 +22,7 @@ from dynamics.errors import DynamicsError
 
 if TYPE_CHECKING:
     import pandas as pd
+    import PIL.Image
 
 
 def _check_parents(path: Path) -> None:
@@ -89,6 +90,13 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     """Atomically write ``text`` to ``path``."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def write_image(path: str | os.PathLike, image: PIL.Image.Image) -> None:
+    """Atomically write a PIL image (format from the suffix): processes building the same puzzles or probe images
+    into one shared folder never read each other's half-written files."""
+    with atomic_path(path) as tmp:
+        image.save(tmp)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -97,6 +97,35 @@ def test_builtin_images_are_deterministic_and_records_validate(tmp_path):
     assert len(spreads) == len(a)  # distinct pictures
 
 
+def test_puzzle_and_probe_images_are_written_atomically(tmp_path, monkeypatch):
+    """Image puzzles and visual probes land under their final names only once whole: a save that fails midway
+    (here after writing some bytes) leaves no file there, and an earlier file of that name as it was. Processes
+    building the same puzzles into one shared cache folder never read a half-written image."""
+    from pathlib import Path
+
+    from dynamics.probes import visual_suite
+    from dynamics.store import write_image
+
+    path = tmp_path / "kept.png"
+    write_image(path, Image.new("RGB", (8, 8), "red"))
+    before = path.read_bytes()
+
+    def broken_save(self, fp, *args, **kwargs):
+        Path(fp).write_bytes(b"\x89PNG half")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", broken_save)
+    for build in (lambda: write_image(path, Image.new("RGB", (8, 8), "blue")),
+                  lambda: get_task("jigsaw", preset="image-direct", image_dir=str(tmp_path / "p")).build(2, 0),
+                  lambda: get_task("jigsaw", preset="image", patches="separate",
+                                   image_dir=str(tmp_path / "s")).build(2, 0),
+                  lambda: visual_suite(tmp_path / "v", n_per_category=1)):
+        with pytest.raises(OSError, match="No space"):
+            build()
+    assert path.read_bytes() == before
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == ["kept.png"]
+
+
 def test_seeded_determinism_and_ids():
     task = get_task("jigsaw")
     assert task.build(30, seed=7) == task.build(30, seed=7)

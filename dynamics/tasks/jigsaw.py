@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from dynamics.errors import DynamicsError
-from dynamics.store import make_folder, text_hash
+from dynamics.store import make_folder, text_hash, write_image
 from dynamics.tasks import Task, format_task_args
 
 FORMS = ("text", "image")
@@ -372,11 +372,11 @@ def _image_record(cfg: JigsawConfig, rng: random.Random, sources: list[Path] | N
     make_folder(folder)
     if cfg.patches == "composite":
         paths = [folder / f"{rid}.png"]
-        im.compose(shown, cfg.rows, cfg.cols).save(paths[0])
+        write_image(paths[0], im.compose(shown, cfg.rows, cfg.cols))
     else:
         paths = [folder / f"{rid}-{i + 1}.png" for i in range(cfg.n_pieces)]
         for patch, path in zip(shown, paths, strict=True):
-            patch.save(path)
+            write_image(path, patch)
     answer = _answer(cfg, perm, pair)
     return {"prompt": [{"role": "user", "content": image_prompt(cfg, rng, pair)}],
             "completion": [{"role": "assistant", "content": gold_completion(cfg, None, perm, pair, answer)}],
