@@ -1086,9 +1086,12 @@ def merge(job: InfluenceRun, timings: dict[str, float] | None = None) -> Path:
         raise DynamicsError(f"{len(missing)} shards are missing; rerun with --resume", file=missing[0])
     timings = dict(timings or {})
     t0 = time.perf_counter()
-    concat_parquet([s.path for s in shards], out / "influence.parquet")  # one shard in memory at a time
-    if job.config.per_token:
-        concat_parquet([s.tokens_path for s in shards], out / "influence_tokens.parquet")
+    try:  # one shard in memory at a time
+        concat_parquet([s.path for s in shards], out / "influence.parquet")
+        if job.config.per_token:
+            concat_parquet([s.tokens_path for s in shards], out / "influence_tokens.parquet")
+    except DynamicsError as e:  # a damaged shard: computed again once deleted
+        raise DynamicsError(f"{e.message}; delete it and rerun with --resume", file=e.file) from None
     timings["write"] = timings.get("write", 0.0) + time.perf_counter() - t0
     extra = {}
     if job.predict_check:

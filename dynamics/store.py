@@ -139,7 +139,10 @@ def concat_parquet(paths: Sequence[str | os.PathLike], out: str | os.PathLike) -
         writer = None
         try:
             for path in paths:
-                table = pq.read_table(path)
+                try:
+                    table = pq.read_table(path)
+                except Exception as e:  # pyarrow raises several types for corrupt files
+                    raise DynamicsError(f"not a readable parquet file: {str(e).splitlines()[0]}", file=path) from None
                 if writer is None:
                     writer = pq.ParquetWriter(tmp, table.schema)
                 elif not table.schema.equals(writer.schema, check_metadata=False):

@@ -483,6 +483,23 @@ def test_an_earlier_run_in_out_needs_resume_or_overwrite(tmp_path):
     assert (out / "notes.txt").read_text() == "mine"
 
 
+def test_a_damaged_shard_is_named_and_recomputed_once_deleted(tmp_path):
+    """A shard that no longer reads (a disk fault, a bad copy) stops the merge with one error naming it; deleted,
+    it is computed again under --resume, and the table is the one the first run wrote."""
+    train, probes = _write(tmp_path / "train.jsonl", TRAIN), _write(tmp_path / "probes.jsonl", PROBES)
+    job = influence.InfluenceRun(ckpts=["tiny-llama"], train=str(train), probes=str(probes), out=str(tmp_path / "o"),
+                                 config=InfluenceConfig(target="gold"), shard_size=2)
+    first = pd.read_parquet(influence.run(job))
+    job = influence.InfluenceRun(**{**vars(job), "resume": True})
+    shard = sorted((tmp_path / "o" / "shards").glob("*.parquet"))[1]
+    shard.write_bytes(shard.read_bytes()[:50])
+    with pytest.raises(DynamicsError, match="not a readable parquet file.*delete it and rerun with --resume") as e:
+        influence.run(job)
+    assert e.value.file == str(shard)
+    shard.unlink()
+    pd.testing.assert_frame_equal(pd.read_parquet(influence.run(job)), first)
+
+
 @pytest.mark.parametrize("mode", ["exact", "projected"])
 def test_shards_of_a_checkpoint_share_one_probe_pass(tmp_path, monkeypatch, mode):
     """`dynamics influence` splits the training set into shards; the probes' gradients (and per-token gradients,

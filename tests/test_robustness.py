@@ -540,3 +540,7 @@ def test_concat_parquet_holds_one_file_at_a_time(tmp_path, monkeypatch):
     expected = pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True)
     pd.testing.assert_frame_equal(merged.drop(columns="note"), expected.drop(columns="note"))
     assert merged["note"].isna().sum() == n and (merged["note"].dropna() == "x").sum() == 5 * n
+    paths[3].write_bytes(paths[3].read_bytes()[:100])  # a damaged file: named, and nothing written
+    with pytest.raises(DynamicsError, match="not a readable parquet file") as e:
+        concat_parquet(paths, tmp_path / "again.parquet")
+    assert e.value.file == str(paths[3]) and not list(tmp_path.glob("*again*"))
