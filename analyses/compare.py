@@ -33,7 +33,7 @@ import pandas as pd
 from scipy import stats
 
 from dynamics.analyses import style
-from dynamics.analyses.loader import InfluenceSet, per_train_sample
+from dynamics.analyses.loader import InfluenceSet
 from dynamics.analyses.stats import CONFIDENCE, N_RESAMPLES, holm, mean_ci, two_sample
 from dynamics.errors import DynamicsError, check_bounds
 from dynamics.store import atomic_path, file_hash, text_hash, versions, write_json
@@ -97,9 +97,9 @@ def _labels(cfg: CompareConfig) -> list[str]:
     return labels
 
 
-def _match_influence(folder: Path, data: dict[str, tuple[Path, set[str]]]) -> str:
+def _match_influence(inf: InfluenceSet, data: dict[str, tuple[Path, set[str]]]) -> str:
     """The label of the data set an influence folder was computed on: the manifest's training file, else ids."""
-    inf = InfluenceSet(folder.name, folder)
+    folder = inf.path
     if not (folder / "influence.parquet").is_file():
         raise DynamicsError("not an influence folder: no influence.parquet", file=folder)
     train = inf.manifest.get("train") if (folder / "manifest.json").is_file() else None
@@ -108,7 +108,7 @@ def _match_influence(folder: Path, data: dict[str, tuple[Path, set[str]]]) -> st
         for label, (path, _) in data.items():
             if Path(path).resolve() == Path(train).resolve() or file_hash(path) == digest:
                 return label
-    ids = set(inf.table["train_id"].astype(str))
+    ids = set(inf.per_sample["train_id"].astype(str))
     overlap = {label: len(ids & have) / len(ids) for label, (_, have) in data.items()}
     best = max(overlap, key=overlap.get)
     if overlap[best] < 1.0:
@@ -149,10 +149,11 @@ def sample_table(cfg: CompareConfig) -> pd.DataFrame:
     data = {label: (Path(p), {r["id"] for r in records[label]}) for label, p in zip(labels, cfg.data, strict=True)}
     influence = {}
     for folder in map(Path, cfg.influence):
-        label = _match_influence(folder, data)
+        inf = InfluenceSet(folder.name, folder)
+        label = _match_influence(inf, data)
         if label in influence:
             raise DynamicsError(f"a second influence folder for data set '{label}'", file=folder, field="influence")
-        per = per_train_sample(InfluenceSet(folder.name, folder).at_step(cfg.step))
+        per = inf.per_sample_at(cfg.step)
         influence[label] = per.drop(columns=["ckpt", "n_probes"]).rename(
             columns={"train_id": "id", "step": "influence_step"}).assign(label=label)
     if influence:

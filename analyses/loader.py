@@ -17,7 +17,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -34,6 +34,7 @@ METRICS_NUMERIC = ("step", "loss", "lr", "grad_norm", "reward_mean", "reward_std
 EVAL_COLUMNS = ("step",)  # + task_accuracy, probe_accuracy, probe_logp, probe_logp_base?, <metric>/<category>
 EVAL_ITEM_COLUMNS = ("step", "item_id", "kind", "correct")  # RUN/eval.parquet (optional per-item table)
 INFLUENCE_COLUMNS = ("ckpt", "step", "train_id", "probe_id", "kernel", "cosine", "train_norm", "probe_norm")
+INFLUENCE_NUMERIC = ("step", "kernel", "cosine", "train_norm", "probe_norm")
 SAMPLE_COLUMNS = ("label", "id")
 TEST_COLUMNS = ("a", "b", "metric")
 SEED_RE = re.compile(r"^(?P<group>.+?)[-_/]seed[-_]?(?P<seed>\d+)$")
@@ -112,15 +113,48 @@ def read_parquet_table(path: str | os.PathLike, required: tuple[str, ...] = (),
     try:
         df = read_parquet(path)  # a live run may replace it while we read
     except Exception as e:  # pyarrow raises several types for corrupt files
-        raise DynamicsError(f"not a readable parquet file: {str(e).splitlines()[0]}", file=path) from None
-    missing = [c for c in required if c not in df.columns]
-    if missing:
-        raise DynamicsError(f"missing column(s) {', '.join(missing)}; found {', '.join(map(str, df.columns))}",
-                            file=path, field=missing[0])
+        raise _unreadable(path, e) from None
+    _check_columns(list(df.columns), required, path)
     if df.empty:
         raise DynamicsError("no rows: the table is empty", file=path)
     _check_numeric(df, numeric, path)
     return df
+
+
+def iter_parquet_table(path: str | os.PathLike, required: tuple[str, ...], numeric: tuple[str, ...] = (),
+                       batch_rows: int = 1 << 18) -> Iterator[pd.DataFrame]:
+    """:func:`read_parquet_table`'s checks, but only the ``required`` columns, ``batch_rows`` rows at a time: a
+    table larger than memory can be reduced batch by batch. The file is opened once, so a live run that
+    replaces it meanwhile is not read half old, half new."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = input_file(path)
+    rows = 0
+    try:
+        with path.open("rb") as f:
+            table = pq.ParquetFile(f)
+            _check_columns(table.schema_arrow.names, required, path)
+            for batch in table.iter_batches(batch_size=batch_rows, columns=list(required)):
+                df = batch.to_pandas()
+                _check_numeric(df, numeric, path)
+                rows += len(df)
+                yield df
+    except (pa.ArrowException, OSError) as e:  # a damaged file: a bad footer, or a corrupt page
+        raise _unreadable(path, e) from None
+    if not rows:
+        raise DynamicsError("no rows: the table is empty", file=path)
+
+
+def _unreadable(path: Path, error: Exception) -> DynamicsError:
+    return DynamicsError(f"not a readable parquet file: {str(error).splitlines()[0]}", file=path)
+
+
+def _check_columns(found: list[str], required: tuple[str, ...], path: Path) -> None:
+    missing = [c for c in required if c not in found]
+    if missing:
+        raise DynamicsError(f"missing column(s) {', '.join(missing)}; found {', '.join(map(str, found))}",
+                            file=path, field=missing[0])
 
 
 def _path_in(manifest: Path, value: Any, key: str, roots: tuple[Path, ...]) -> Path:
@@ -214,8 +248,7 @@ class InfluenceSet:
 
     @cached_property
     def table(self) -> pd.DataFrame:
-        return read_parquet_table(self.path / "influence.parquet", INFLUENCE_COLUMNS,
-                                  ("step", "kernel", "cosine", "train_norm", "probe_norm"))
+        return read_parquet_table(self.path / "influence.parquet", INFLUENCE_COLUMNS, INFLUENCE_NUMERIC)
 
     @cached_property
     def manifest(self) -> dict:
@@ -245,33 +278,77 @@ class InfluenceSet:
 
     @cached_property
     def per_sample(self) -> pd.DataFrame:
-        """:func:`per_train_sample` of this folder's table."""
-        return per_train_sample(self.table)
+        """:func:`per_train_sample` of this folder's table, read in batches: memory grows with the training
+        samples, not with the N x P table."""
+        return per_train_sample_of_file(self.path / "influence.parquet")
 
     def at_step(self, step: int | None = None) -> pd.DataFrame:
         """The table's rows at the checkpoint of training step ``step`` (the earliest if None)."""
-        table = self.table
-        steps = sorted(set(table["step"]))
-        rows = table[table["step"] == (steps[0] if step is None else step)]
-        if rows.empty:
-            raise DynamicsError(f"no checkpoint at step {step} in {self.path}; it holds steps "
-                                f"{', '.join(map(str, steps))}", field="step")
-        if rows["ckpt"].nunique() > 1:
-            raise DynamicsError(f"several checkpoints at step {rows['step'].iloc[0]} "
-                                f"({', '.join(map(str, rows['ckpt'].unique()))}): keep one per step",
-                                file=self.path / "influence.parquet", field="step")
-        return rows
+        return _at_step(self.table, step, self.path)
+
+    def per_sample_at(self, step: int | None = None) -> pd.DataFrame:
+        """:attr:`per_sample`'s rows at the checkpoint of training step ``step`` (the earliest if None)."""
+        return _at_step(self.per_sample, step, self.path)
+
+
+def _at_step(table: pd.DataFrame, step: int | None, folder: Path) -> pd.DataFrame:
+    steps = sorted(set(table["step"]))
+    rows = table[table["step"] == (steps[0] if step is None else step)]
+    if rows.empty:
+        raise DynamicsError(f"no checkpoint at step {step} in {folder}; it holds steps "
+                            f"{', '.join(map(str, steps))}", field="step")
+    if rows["ckpt"].nunique() > 1:
+        raise DynamicsError(f"several checkpoints at step {rows['step'].iloc[0]} "
+                            f"({', '.join(map(str, rows['ckpt'].unique()))}): keep one per step",
+                            file=folder / "influence.parquet", field="step")
+    return rows
+
+
+SAMPLE_KEYS = ["ckpt", "step", "train_id"]
 
 
 def per_train_sample(table: pd.DataFrame) -> pd.DataFrame:
     """One row per (checkpoint, training sample): ``train_norm`` ‖g(u)‖, ``mean_abs_kernel`` mean over probes of
     |K(o,u)|, ``mean_kernel`` mean K (η·mean K ≈ the mean change of probe log p after one SGD step on u),
-    ``mean_cosine``, and ``frac_negative`` the fraction of probes with cosine < 0 (pushed down by u)."""
+    ``mean_cosine``, ``frac_negative`` the fraction of probes with cosine < 0 (pushed down by u), and ``n_probes``
+    the probe rows (means skip missing values)."""
+    return _means(_sums(table))
+
+
+def per_train_sample_of_file(path: str | os.PathLike, batch_rows: int = 1 << 18) -> pd.DataFrame:
+    """:func:`per_train_sample` of an ``influence.parquet`` file, reduced ``batch_rows`` rows at a time; the
+    partial sums are folded together whenever they outgrow the running total, so memory stays O(N + batch)."""
+    held: list[pd.DataFrame] = []
+    for df in iter_parquet_table(path, INFLUENCE_COLUMNS, INFLUENCE_NUMERIC, batch_rows):
+        held.append(_sums(df))
+        if len(held) > 1 and sum(map(len, held[1:])) > len(held[0]) + batch_rows:
+            held = [_fold(held)]
+    return _means(_fold(held))
+
+
+SUMS = {"train_norm": "first", **dict.fromkeys(("kernel", "abs_kernel", "n_kernel", "cosine", "n_cosine",
+                                                 "negative", "n_probes"), "sum")}
+
+
+def _sums(table: pd.DataFrame) -> pd.DataFrame:
+    """Per (checkpoint, step, sample): the sums and counts behind :func:`per_train_sample`'s means, which add
+    up over batches of rows (:func:`_fold`)."""
     g = table.assign(abs_kernel=table["kernel"].abs(), negative=(table["cosine"] < 0).astype(float))
-    out = g.groupby(["ckpt", "step", "train_id"], sort=True).agg(
-        train_norm=("train_norm", "first"), mean_abs_kernel=("abs_kernel", "mean"), mean_kernel=("kernel", "mean"),
-        mean_cosine=("cosine", "mean"), frac_negative=("negative", "mean"), n_probes=("probe_id", "nunique"))
-    return out.reset_index()
+    return g.groupby(SAMPLE_KEYS, sort=False).agg(
+        train_norm=("train_norm", "first"), kernel=("kernel", "sum"), abs_kernel=("abs_kernel", "sum"),
+        n_kernel=("kernel", "count"), cosine=("cosine", "sum"), n_cosine=("cosine", "count"),
+        negative=("negative", "sum"), n_probes=("probe_id", "size"))
+
+
+def _fold(sums: list[pd.DataFrame]) -> pd.DataFrame:
+    return pd.concat(sums).groupby(level=SAMPLE_KEYS, sort=True).agg(SUMS)
+
+
+def _means(s: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({
+        "train_norm": s["train_norm"], "mean_abs_kernel": s["abs_kernel"] / s["n_kernel"],
+        "mean_kernel": s["kernel"] / s["n_kernel"], "mean_cosine": s["cosine"] / s["n_cosine"],
+        "frac_negative": s["negative"] / s["n_probes"], "n_probes": s["n_probes"]}).reset_index()
 
 
 @dataclass

@@ -1166,7 +1166,9 @@ def report(path: str | os.PathLike) -> object:
     from rich.console import Group
     from rich.table import Table
 
-    summary = summarise(pd.read_parquet(path))
+    from dynamics.analyses.loader import per_train_sample_of_file
+
+    summary = summarise(per_train_sample_of_file(path))  # read in batches: the table may not fit in memory
     table = Table(title=f"influence: {path}")
     for col in ("checkpoint", "step", "mean |K|", "mean cosine", "mean ‖g(train)‖"):
         table.add_column(col, justify="right" if col != "checkpoint" else "left")
@@ -1186,18 +1188,20 @@ def report(path: str | os.PathLike) -> object:
     return Group(*parts)
 
 
-def summarise(df: pd.DataFrame, top: int = 5) -> dict:
-    """Per checkpoint: mean |K|, mean cosine, mean train norm; the most harmful and helpful samples (by mean
+def summarise(per_sample: pd.DataFrame, top: int = 5) -> dict:
+    """Per checkpoint, in step order, from its :func:`~dynamics.analyses.loader.per_train_sample` rows: mean |K|
+    and mean cosine over every (train, probe) pair, mean train norm; the most harmful and helpful samples (by mean
     kernel over probes: negative means learning the sample lowers the probes' log-likelihood)."""
     out = {}
-    for ckpt, g in df.groupby("ckpt", sort=False):
-        per_train = g.groupby("train_id").agg(kernel=("kernel", "mean"), cosine=("cosine", "mean"))
+    for (step, ckpt), g in per_sample.groupby(["step", "ckpt"], sort=True):
+        ranked = g.set_index("train_id").rename(columns={"mean_kernel": "kernel", "mean_cosine": "cosine"})
+        ranked = ranked[["kernel", "cosine"]]
         out[ckpt] = {
-            "step": int(g["step"].iloc[0]),
-            "mean_abs_kernel": float(g["kernel"].abs().mean()),
-            "mean_cosine": float(g["cosine"].mean()),
-            "mean_train_norm": float(g.drop_duplicates("train_id")["train_norm"].mean()),
-            "harmful": per_train.nsmallest(top, "kernel").reset_index().to_dict("records"),
-            "helpful": per_train.nlargest(top, "kernel").reset_index().to_dict("records"),
+            "step": int(step),
+            "mean_abs_kernel": float(np.average(g["mean_abs_kernel"], weights=g["n_probes"])),
+            "mean_cosine": float(np.average(g["mean_cosine"], weights=g["n_probes"])),
+            "mean_train_norm": float(g["train_norm"].mean()),
+            "harmful": ranked.nsmallest(top, "kernel").reset_index().to_dict("records"),
+            "helpful": ranked.nlargest(top, "kernel").reset_index().to_dict("records"),
         }
     return out

@@ -82,16 +82,17 @@ def parse_budget(budget: str | float | int, n: int) -> int:
     return max(1, min(n, keep))
 
 
-def stored_kernels(config: SelectConfig, records: list[dict]) -> pd.DataFrame:
-    """The rows of ``config.from_influence``'s table at the checkpoint of step ``config.step`` (default the
-    earliest), checked to hold every training record and, if ``config.probes`` is given, to be of those probes."""
+def stored_scores(config: SelectConfig, records: list[dict]) -> pd.DataFrame:
+    """:func:`per_train_sample` rows of ``config.from_influence``'s table at the checkpoint of step ``config.step``
+    (default the earliest), reduced as the table is read (a table larger than memory is fine), checked to hold
+    every training record and, if ``config.probes`` is given, to be of those probes."""
     path = Path(config.from_influence)
     stored = InfluenceSet(path.name, path.parent if path.suffix == ".parquet" else path)
     if config.probes and stored.manifest.get("probes_sha256") != file_hash(input_file(config.probes)):
         raise DynamicsError(f"the table at {stored.path} was computed on other probes than these", file=config.probes)
-    table = stored.at_step(config.step)
-    ckpt = table["ckpt"].iloc[0]
-    have = set(table["train_id"])
+    scores = stored.per_sample_at(config.step)
+    ckpt = scores["ckpt"].iloc[0]
+    have = set(scores["train_id"])
     # the same file, or the same samples under each id (a subset of it, say)
     same = stored.manifest.get("train_sha256") == file_hash(config.data)
     used = {} if same else {r["id"]: r for r in stored.train_records}
@@ -102,7 +103,7 @@ def stored_kernels(config: SelectConfig, records: list[dict]) -> pd.DataFrame:
         if not same and any(rec[k] != used.get(rec["id"], {}).get(k) for k in ("prompt", "completion")):
             raise DynamicsError(f"sample {rec['id']!r} is not the one the table at {stored.path} was computed on",
                                 file=config.data, line=line, field="id")
-    return table
+    return scores
 
 
 def _simulate(lm, records: list[dict], config: SelectConfig) -> tuple[list[dict], dict[str, str]]:
@@ -139,15 +140,15 @@ def select(config: SelectConfig, lm=None) -> tuple[Path, pd.DataFrame]:
     keep_n = parse_budget(config.budget, len(records))
     reasons: dict[str, str] = {}
     if config.from_influence:
-        kernels = stored_kernels(config, records)
+        scores = stored_scores(config, records)
     else:
         probes = read_records(config.probes)
         lm = lm or load_model(config.model, dtype=config.influence.dtype, device=config.influence.device)
         if config.strategy == "simulate-rollouts":
             records, reasons = _simulate(lm, records, config)
-        kernels = compute(lm, records, probes, config.influence, ckpt=lm.name)
+        scores = per_train_sample(compute(lm, records, probes, config.influence, ckpt=lm.name))
     # per sample: mean kernel, mean |kernel| and mean cosine over probes, and its gradient norm
-    table = per_train_sample(kernels).set_index("train_id").loc[
+    table = scores.set_index("train_id").loc[
         [r["id"] for r in records], ["mean_kernel", "mean_abs_kernel", "mean_cosine", "train_norm"]]
     if config.strategy == "keep-aligned":
         order = table.sort_values("mean_cosine", ascending=False).index
@@ -159,7 +160,7 @@ def select(config: SelectConfig, lm=None) -> tuple[Path, pd.DataFrame]:
     table["rank"] = pd.Series(range(1, len(order) + 1), index=order)
     table["decision"] = ["kept" if i in kept else "dropped" for i in table.index]
     table["reason"] = [reasons.get(i, "within budget") if i in kept else why_drop for i in table.index]
-    table["ckpt"] = kernels["ckpt"].iloc[0]  # the model whose kernels ranked the samples
+    table["ckpt"] = scores["ckpt"].iloc[0]  # the model whose kernels ranked the samples
     table = table.reset_index(names="train_id")
     write_records(out, [r for r in records if r["id"] in kept])
     with atomic_path(decisions_path(out)) as tmp:

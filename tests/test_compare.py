@@ -148,9 +148,13 @@ def test_base_model_logprobs_equal_a_direct_forward_pass(tmp_path):
         assert row["ppl"] == pytest.approx(np.exp(-row["logp_mean"]))
 
 
-def test_influence_is_joined_at_the_checkpoint_of_the_step_asked(tmp_path):
+def test_influence_is_joined_at_the_checkpoint_of_the_step_asked(tmp_path, monkeypatch):
     """``step`` picks the influence table's checkpoint (the earliest by default); a step the table lacks, or one
-    held by two checkpoints, is one error naming the step (before, two step-0 checkpoints failed in pandas)."""
+    held by two checkpoints, is one error naming the step (before, two step-0 checkpoints failed in pandas). The
+    table is reduced to per-sample means as it is read, never loaded whole."""
+    from dynamics.analyses.loader import InfluenceSet
+
+    monkeypatch.setattr(InfluenceSet, "table", property(lambda self: pytest.fail("the whole table was read")))
     gold = jsonl(tmp_path / "gold.jsonl", records("g", 4, 3))
     roll = jsonl(tmp_path / "rollouts.jsonl", records("r", 4, 2))
 

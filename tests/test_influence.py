@@ -425,7 +425,7 @@ def test_cli_writes_table_manifest_and_resumes(tmp_path, cli):
     assert len(df) == 15 and set(df.train_id) == {r["id"] for r in TRAIN}
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["n_train"] == 5 and manifest["train_sha256"] and manifest["versions"]["torch"]
-    assert "mean |K|" in res.stdout
+    assert "mean |K|" in res.stdout and f"{df.kernel.abs().mean():.4g}" in res.stdout  # the closing summary
     direct = compute(load_model("tiny-llama"), TRAIN, PROBES, InfluenceConfig(target="gold"))
     np.testing.assert_allclose(df["kernel"], direct["kernel"], rtol=1e-5)
     # --resume keeps finished shards untouched and reproduces the table

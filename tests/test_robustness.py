@@ -513,6 +513,108 @@ def test_read_parquet_while_another_writer_replaces_the_file(tmp_path):
     assert seen <= {10, 3000} and len(seen) == 2, seen  # both tables were read, each whole
 
 
+def _influence_table(n_train: int, n_probes: int, steps: tuple[int, ...], seed: int, shuffle: bool = True):
+    """A long table in `influence.parquet`'s format (rows shuffled unless told, a few cosines missing)."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    per_step, rows = n_train * n_probes, len(steps) * n_train * n_probes
+    train = np.array([f"t{i}" for i in range(n_train)], dtype=object)
+    df = pd.DataFrame({"ckpt": np.repeat(np.array([f"ck{s}" for s in steps], dtype=object), per_step),
+                       "step": np.repeat(steps, per_step), "train_id": np.tile(np.repeat(train, n_probes), len(steps)),
+                       "probe_id": np.tile(np.array([f"p{j}" for j in range(n_probes)], dtype=object),
+                                           len(steps) * n_train),
+                       "kernel": rng.standard_normal(rows), "cosine": rng.uniform(-1, 1, rows),
+                       "train_norm": np.repeat(rng.random(len(steps) * n_train) + 0.5, n_probes), "probe_norm": 1.0})
+    df.loc[rng.random(rows) < 0.01, "cosine"] = np.nan
+    return df.sample(frac=1, random_state=seed).reset_index(drop=True) if shuffle else df
+
+
+def test_an_influence_table_is_reduced_one_batch_at_a_time(tmp_path):
+    """`select --from-influence`, `compare` and `dynamics influence`'s closing summary reduce `influence.parquet` to
+    per-sample means while reading it, a batch of rows at a time: the result equals the means over the whole table
+    (the definition, computed here by pandas on all rows, whatever the rows' order), and a process reducing a
+    4M-row table that way grows by a fraction of what reading it whole costs (peak RSS of each, in its own process)."""
+    import subprocess
+
+    import numpy as np
+    import pandas as pd
+
+    from dynamics.analyses.loader import per_train_sample_of_file
+    from dynamics.influence import summarise
+
+    df = _influence_table(60, 50, (12, 0, 4), seed=0)
+    path = tmp_path / "influence.parquet"
+    df.to_parquet(path, index=False, row_group_size=1_000)
+    per = per_train_sample_of_file(path, batch_rows=97)  # a sample's rows spread over many batches and folds
+    g = df.assign(abs_kernel=df.kernel.abs(), negative=(df.cosine < 0).astype(float)).groupby(
+        ["ckpt", "step", "train_id"])
+    expected = pd.DataFrame({"train_norm": g.train_norm.first(), "mean_abs_kernel": g.abs_kernel.mean(),
+                             "mean_kernel": g.kernel.mean(), "mean_cosine": g.cosine.mean(),
+                             "frac_negative": g.negative.mean(), "n_probes": g.probe_id.nunique()}).reset_index()
+    pd.testing.assert_frame_equal(per, expected, check_exact=False, rtol=1e-10)
+    summary = summarise(per)
+    assert list(summary) == ["ck0", "ck4", "ck12"]  # in step order: the last one is the latest checkpoint
+    for ckpt, s in summary.items():
+        rows = df[df.ckpt == ckpt]
+        mean_k = rows.groupby("train_id").kernel.mean()
+        assert s["mean_abs_kernel"] == pytest.approx(rows.kernel.abs().mean(), rel=1e-10)
+        assert s["mean_train_norm"] == pytest.approx(rows.drop_duplicates("train_id").train_norm.mean(), rel=1e-10)
+        assert [r["train_id"] for r in s["harmful"]] == list(mean_k.nsmallest(5).index)
+        assert [r["train_id"] for r in s["helpful"]] == list(mean_k.nlargest(5).index)
+        assert s["harmful"][0]["kernel"] == pytest.approx(mean_k.min(), rel=1e-10)
+    assert np.isfinite(per.mean_cosine).all()
+
+    big = tmp_path / "big.parquet"
+    _influence_table(2_000, 1_000, (0, 7), seed=1, shuffle=False).to_parquet(big, index=False,
+                                                                               row_group_size=256_000)
+    script = ("import sys\n"
+              "from dynamics.analyses.loader import *\n"
+              "def peak(): return int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))\n"
+              "base = peak()\n"
+              "per = per_train_sample_of_file(sys.argv[1], batch_rows=65_536) if sys.argv[2] == 'batches' else "
+              "per_train_sample(read_parquet_table(sys.argv[1], INFLUENCE_COLUMNS, INFLUENCE_NUMERIC))\n"
+              "print(len(per), peak() - base)\n")  # VmHWM: this process's peak RSS (kB), not its parent's
+    grew = {}
+    for how in ("batches", "whole"):
+        out = subprocess.run([sys.executable, "-c", script, str(big), how], capture_output=True, text=True, check=True)
+        n, grew[how] = map(int, out.stdout.split())
+        assert n == 4_000
+    assert grew["batches"] < grew["whole"] / 2, grew
+
+
+def test_a_replaced_influence_table_is_reduced_whole(tmp_path):
+    """The batched reader opens the file once: while a live run keeps replacing `influence.parquet` (atomically),
+    every reduction is that of one of the two tables, never a mix of their batches."""
+    import threading
+
+    from dynamics.analyses.loader import per_train_sample_of_file
+    from dynamics.store import atomic_path
+
+    tables = [_influence_table(30, 40, (0,), seed=k) for k in (1, 2)]
+    path, stop = tmp_path / "influence.parquet", threading.Event()
+    tables[0].to_parquet(path, index=False)
+    expected = [tuple(per_train_sample_of_file(tmp_path / f"{k}.parquet") .mean_kernel.round(12))
+                for k in range(2) if tables[k].to_parquet(tmp_path / f"{k}.parquet", index=False) is None]
+
+    def rewrite() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            with atomic_path(path) as tmp:
+                tables[i % 2].to_parquet(tmp, index=False)
+
+    writer = threading.Thread(target=rewrite)
+    writer.start()
+    try:
+        seen = {tuple(per_train_sample_of_file(path, batch_rows=100).mean_kernel.round(12)) for _ in range(60)}
+    finally:
+        stop.set()
+        writer.join()
+    assert seen <= set(expected) and len(seen) == 2, len(seen)
+
+
 def test_concat_parquet_holds_one_file_at_a_time(tmp_path, monkeypatch):
     """store.concat_parquet (how `dynamics influence` merges its shards) writes the files' rows in order into one
     table equal to their concatenation, reading one file at a time: Arrow's allocation when each later file is

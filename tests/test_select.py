@@ -79,15 +79,18 @@ def test_cli_defaults_are_the_library_defaults(cli_params):
         assert cli[name] == getattr(build, name), name
 
 
-def test_selecting_from_a_stored_influence_table_equals_computing_it(tmp_path, tiny_lm):
+def test_selecting_from_a_stored_influence_table_equals_computing_it(tmp_path, tiny_lm, monkeypatch):
     """`--from-influence`: the decisions made from a `dynamics influence` table (at its earliest checkpoint by
     default, or the one of the step asked) are those made by computing the kernels at that model; samples the table lacks, or
-    holds under another text, are refused."""
+    holds under another text, are refused. The table is never loaded whole (it is reduced as it is read)."""
     import numpy as np
     import torch
 
+    from dynamics.analyses.loader import InfluenceSet
     from dynamics.influence import InfluenceRun, run
     from dynamics.models import load_model
+
+    monkeypatch.setattr(InfluenceSet, "table", property(lambda self: pytest.fail("the whole table was read")))
 
     trained = tmp_path / "checkpoint-5"  # a later checkpoint: the tiny model with its weights moved
     gen = torch.Generator().manual_seed(0)
