@@ -4,6 +4,7 @@ DynamicsError with a message (never another exception), and the CLI answers a ba
 
 from __future__ import annotations
 
+import contextlib
 import json
 import string
 import sys
@@ -485,31 +486,16 @@ def test_read_parquet_while_another_writer_replaces_the_file(tmp_path):
     """A live run rewrites eval.parquet (atomically) while a reader polls it; every read returns one whole
     table. ``pd.read_parquet(path)`` opens the file twice and failed ~half of such reads (CI saw "Page was
     smaller (6) than expected (13)")."""
-    import threading
 
     import numpy as np
     import pandas as pd
 
-    from dynamics.store import atomic_path, read_parquet
+    from dynamics.store import read_parquet
 
     tables = [pd.DataFrame({"step": np.arange(n) % 7, "x": np.arange(n) / 3}) for n in (10, 3000)]
-    path, stop = tmp_path / "eval.parquet", threading.Event()
-    tables[0].to_parquet(path, index=False)
-
-    def rewrite() -> None:
-        i = 0
-        while not stop.is_set():
-            i += 1
-            with atomic_path(path) as tmp:
-                tables[i % 2].to_parquet(tmp, index=False)
-
-    writer = threading.Thread(target=rewrite)
-    writer.start()
-    try:
+    path = tmp_path / "eval.parquet"
+    with _replaced_in_turn(path, tables):
         seen = {len(read_parquet(path)) for _ in range(400)}
-    finally:
-        stop.set()
-        writer.join()
     assert seen <= {10, 3000} and len(seen) == 2, seen  # both tables were read, each whole
 
 
@@ -587,16 +573,29 @@ def test_an_influence_table_is_reduced_one_batch_at_a_time(tmp_path):
 def test_a_replaced_influence_table_is_reduced_whole(tmp_path):
     """The batched reader opens the file once: while a live run keeps replacing `influence.parquet` (atomically),
     every reduction is that of one of the two tables, never a mix of their batches."""
-    import threading
-
     from dynamics.analyses.loader import per_train_sample_of_file
-    from dynamics.store import atomic_path
 
     tables = [_influence_table(30, 40, (0,), seed=k) for k in (1, 2)]
-    path, stop = tmp_path / "influence.parquet", threading.Event()
+    expected = set()
+    for k, table in enumerate(tables):
+        table.to_parquet(tmp_path / f"{k}.parquet", index=False)
+        expected.add(tuple(per_train_sample_of_file(tmp_path / f"{k}.parquet").mean_kernel.round(12)))
+    path = tmp_path / "influence.parquet"
+    with _replaced_in_turn(path, tables):
+        seen = {tuple(per_train_sample_of_file(path, batch_rows=100).mean_kernel.round(12)) for _ in range(60)}
+    assert seen <= expected and len(seen) == 2, len(seen)
+
+
+@contextlib.contextmanager
+def _replaced_in_turn(path, tables):
+    """Inside the block, a thread keeps replacing ``path`` by each of two tables in turn (atomically, as a live
+    run rewrites its tables); the first is there on entry."""
+    import threading
+
+    from dynamics.store import atomic_path
+
     tables[0].to_parquet(path, index=False)
-    expected = [tuple(per_train_sample_of_file(tmp_path / f"{k}.parquet") .mean_kernel.round(12))
-                for k in range(2) if tables[k].to_parquet(tmp_path / f"{k}.parquet", index=False) is None]
+    stop = threading.Event()
 
     def rewrite() -> None:
         i = 0
@@ -608,11 +607,10 @@ def test_a_replaced_influence_table_is_reduced_whole(tmp_path):
     writer = threading.Thread(target=rewrite)
     writer.start()
     try:
-        seen = {tuple(per_train_sample_of_file(path, batch_rows=100).mean_kernel.round(12)) for _ in range(60)}
+        yield
     finally:
         stop.set()
         writer.join()
-    assert seen <= set(expected) and len(seen) == 2, len(seen)
 
 
 def test_concat_parquet_holds_one_file_at_a_time(tmp_path, monkeypatch):
