@@ -22,7 +22,7 @@ lint: $(STAMP)
 
 # two pytest workers of one thread each (a test file stays on one worker, so its module fixtures run once).
 # On 2 cores, default model converted: 14 minutes against 18 for one process of two threads, and 18 for two
-# workers of two threads each; from a fresh clone, with the conversion, 13 and 16.5 (two runs) against 19.
+# workers of two threads each; from a fresh clone, with the conversion, 13, 15 and 16.5 (three runs) against 19.
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadfile
