@@ -24,7 +24,8 @@ lint: $(STAMP)
 # handed files in collection order, the longest first (tests/conftest.py: FIRST; pytest-xdist >= 3.8).
 # On 2 cores, default model converted: 14 minutes against 18 for one process of two threads, and 18 for two
 # workers of two threads each; from a fresh clone, with the conversion, 13, 15 and 16.5 (three runs) against 19.
-# Longest first: 11.2 minutes against 14.2 in xdist's own order (one run each, one after the other).
+# Longest first: 11.2 minutes against 14.2 in xdist's own order (one run each, one after the other); 10.7 from a
+# fresh clone, with the conversion.
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder
