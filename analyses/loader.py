@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from dynamics.errors import DynamicsError
-from dynamics.store import input_file, read_parquet
+from dynamics.store import input_file, read_parquet, unreadable_parquet
 
 METRICS_COLUMNS = ("step", "loss")  # + lr, grad_norm, reward_mean?, reward_std?, kl?
 METRICS_NUMERIC = ("step", "loss", "lr", "grad_norm", "reward_mean", "reward_std", "kl")
@@ -113,7 +113,7 @@ def read_parquet_table(path: str | os.PathLike, required: tuple[str, ...] = (),
     try:
         df = read_parquet(path)  # a live run may replace it while we read
     except Exception as e:  # pyarrow raises several types for corrupt files
-        raise _unreadable(path, e) from None
+        raise unreadable_parquet(path, e) from None
     _check_columns(list(df.columns), required, path)
     if df.empty:
         raise DynamicsError("no rows: the table is empty", file=path)
@@ -141,13 +141,9 @@ def iter_parquet_table(path: str | os.PathLike, required: tuple[str, ...], numer
                 rows += len(df)
                 yield df
     except (pa.ArrowException, OSError) as e:  # a damaged file: a bad footer, or a corrupt page
-        raise _unreadable(path, e) from None
+        raise unreadable_parquet(path, e) from None
     if not rows:
         raise DynamicsError("no rows: the table is empty", file=path)
-
-
-def _unreadable(path: Path, error: Exception) -> DynamicsError:
-    return DynamicsError(f"not a readable parquet file: {str(error).splitlines()[0]}", file=path)
 
 
 def _check_columns(found: list[str], required: tuple[str, ...], path: Path) -> None:

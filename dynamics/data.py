@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from dynamics.errors import DynamicsError
-from dynamics.store import atomic_path, input_file, text_hash
+from dynamics.store import atomic_path, input_file, text_hash, unreadable_parquet
 
 ROLES = ("system", "user", "assistant", "tool")
 KNOWN_FIELDS = {
@@ -137,7 +137,7 @@ def _raw_rows(path: Path) -> Iterable[tuple[int, Any]]:
         try:
             table = pq.read_table(path)
         except Exception as e:  # pyarrow raises several types for corrupt files
-            raise DynamicsError(f"not a readable parquet file: {str(e).splitlines()[0]}", file=path) from None
+            raise unreadable_parquet(path, e) from None
         for i, row in enumerate(table.to_pylist(), start=1):
             yield i, {k: v for k, v in row.items() if v is not None}
         return

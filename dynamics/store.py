@@ -130,6 +130,11 @@ def read_parquet(path: str | os.PathLike) -> pd.DataFrame:
     return pd.read_parquet(io.BytesIO(Path(path).read_bytes()))
 
 
+def unreadable_parquet(path: str | os.PathLike, error: Exception) -> DynamicsError:
+    """The one-line error for a parquet file pyarrow cannot read (a bad footer, a corrupt page), naming it."""
+    return DynamicsError(f"not a readable parquet file: {str(error).splitlines()[0]}", file=path)
+
+
 def concat_parquet(paths: Sequence[str | os.PathLike], out: str | os.PathLike) -> None:
     """Write the rows of the parquet files ``paths``, in order, to ``out`` (atomically), holding one file's
     table in memory at a time: the merged table may be far larger than memory."""
@@ -142,7 +147,7 @@ def concat_parquet(paths: Sequence[str | os.PathLike], out: str | os.PathLike) -
                 try:
                     table = pq.read_table(path)
                 except Exception as e:  # pyarrow raises several types for corrupt files
-                    raise DynamicsError(f"not a readable parquet file: {str(e).splitlines()[0]}", file=path) from None
+                    raise unreadable_parquet(path, e) from None
                 if writer is None:
                     writer = pq.ParquetWriter(tmp, table.schema)
                 elif not table.schema.equals(writer.schema, check_metadata=False):
