@@ -1,7 +1,8 @@
 """Statistics shared by every recipe, and the containers a recipe returns.
 
 Confidence intervals are bootstrap intervals (:func:`scipy.stats.bootstrap`, BCa, falling back to the
-percentile method when BCa is undefined, e.g. for a constant sample) over the independent units of the data:
+percentile method when BCa is undefined, e.g. for a constant sample, and above :data:`BCA_MAX_N` units, where
+BCa's n² jackknife is costly and its corrections negligible) over the independent units of the data:
 training samples for influence (a sample's kernel with every probe counts once, as its mean), items for
 evaluation tables. Run-level quantities with several seeds per run get a pooled-variance t-interval over seeds.
 
@@ -26,6 +27,8 @@ from scipy import stats
 
 CONFIDENCE = 0.95
 N_RESAMPLES = 2000
+RESAMPLED_VALUES = 1 << 20  # values per vectorised call in a bootstrap: memory O(this), not O(n_resamples · n)
+BCA_MAX_N = 10_000  # BCa's jackknife costs n² values; above this, percentile (BCa shifts its ends by O(1/n))
 
 
 # ----------------------------------------------------------------------------------------- effect sizes
@@ -80,15 +83,21 @@ def bootstrap_ci(
     confidence: float = CONFIDENCE,
     seed: int = 0,
 ) -> tuple[float, float] | None:
-    """Bootstrap interval of a vectorised ``statistic(*samples, axis=-1)``; None when a sample has < 2 units."""
+    """Bootstrap interval of a vectorised ``statistic(*samples, axis=-1)``; None when a sample has < 2 units.
+    BCa up to :data:`BCA_MAX_N` units per sample (or when it fails), else percentile. Resamples (and BCa's n
+    jackknife samples) go to ``statistic`` ~:data:`RESAMPLED_VALUES` values at a time, so memory does not grow
+    with n² (one jackknife call) or n_resamples · n."""
     data = tuple(np.asarray(d, float) for d in data)
     if any(len(d) < 2 for d in data):
         return None
-    for method in ("BCa", "percentile"):
+    n = max(map(len, data))
+    batch = max(1, RESAMPLED_VALUES // n)
+    for method in ("BCa", "percentile") if n <= BCA_MAX_N else ("percentile",):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             res = stats.bootstrap(data, statistic, paired=paired, vectorized=True, n_resamples=n_resamples,
-                                  confidence_level=confidence, method=method, rng=np.random.default_rng(seed))
+                                  batch=batch, confidence_level=confidence, method=method,
+                                  rng=np.random.default_rng(seed))
         lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
         if math.isfinite(lo) and math.isfinite(hi):
             return lo, hi
