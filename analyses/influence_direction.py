@@ -9,6 +9,7 @@ training samples) at the earliest checkpoint every source shares.
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 from dynamics.analyses import style
@@ -39,33 +40,58 @@ def claims_of(at: pd.DataFrame, where: str) -> list[Claim]:
 
 
 def analyse(study: Study) -> Finding:
-    """Tables ``samples`` (per training sample and checkpoint), ``pairs`` (every pair's cosine, with its
-    source) and ``means`` (per source and checkpoint, with intervals); the direction claims; the figure."""
+    """Tables ``samples`` (per training sample and checkpoint), ``histogram`` (:func:`cosine_histogram`) and
+    ``means`` (per source and checkpoint, with intervals); the direction claims; the figure."""
     per = study.influence_samples()
     at, where = common_step(per)
-    pairs = pd.concat([s.table[["step", "train_id", "probe_id", "cosine"]].assign(label=label)
-                       for label, s in study.influence.items()], ignore_index=True)
+    hist = cosine_histogram(study)
     means = mean_table(per, ["label", "step"], ["mean_cosine", "frac_negative"])
-    finding = Finding(NAME, TITLE, tables={"samples": per, "pairs": pairs, "means": means},
+    finding = Finding(NAME, TITLE, tables={"samples": per, "histogram": hist, "means": means},
                       claims=claims_of(at, where))
     first = mean_table(at, ["label"], ["mean_cosine", "frac_negative"])
     finding.stats = {"where": where, "means": {f"{r.label}/{r.measure}": {"mean": r.mean, "ci": [r.lo, r.hi],
                                                                            "n": r.n} for r in first.itertuples()}}
-    finding.figures[NAME] = plot(at, pairs.merge(at[["label", "step"]].drop_duplicates()), means, where)
+    finding.figures[NAME] = plot(at, hist.merge(at[["label", "step"]].drop_duplicates()), means, where)
     return finding
 
 
-def plot(at: pd.DataFrame, pairs: pd.DataFrame, means: pd.DataFrame, where: str) -> object:
-    import seaborn as sns
+def cosine_histogram(study: Study, bins: int = 40) -> pd.DataFrame:
+    """Histogram of every (training sample, probe) pair's cosine, per source and checkpoint step, on ``bins``
+    bins shared by all (``np.histogram``'s over the cosines' range): columns ``label, step, lo, hi, count,
+    density``. Two passes over each table, one for the range, one for the counts, so no table is held whole."""
+    cols = ("step", "cosine")
+    ranges = [inf.reduce(lambda t: t.groupby("step")["cosine"].agg(["min", "max"]), {"min": "min", "max": "max"},
+                         cols) for inf in study.influence.values()]
+    lo, hi = min(r["min"].min() for r in ranges), max(r["max"].max() for r in ranges)
+    if not np.isfinite([lo, hi]).all():  # no finite cosine anywhere (every gradient zero)
+        return pd.DataFrame(columns=["label", "step", "lo", "hi", "count", "density"])
+    edges = np.histogram_bin_edges([lo, hi], bins)
 
+    def counts(t: pd.DataFrame) -> pd.DataFrame:
+        return pd.DataFrame({"count": np.concatenate([np.histogram(g.dropna(), edges)[0]
+                                                      for _, g in t.groupby("step")["cosine"]])},
+                            index=pd.MultiIndex.from_product([sorted(t["step"].unique()), range(bins)],
+                                                             names=["step", "bin"]))
+
+    frames = []
+    for label, inf in study.influence.items():
+        h = inf.reduce(counts, columns=cols).reset_index()
+        width = np.diff(edges)[h["bin"]]
+        frames.append(h.assign(label=label, lo=edges[h["bin"]], hi=edges[h["bin"] + 1],
+                               density=h["count"] / (h.groupby("step")["count"].transform("sum") * width)))
+    return pd.concat(frames, ignore_index=True)[["label", "step", "lo", "hi", "count", "density"]]
+
+
+def plot(at: pd.DataFrame, hist: pd.DataFrame, means: pd.DataFrame, where: str) -> object:
     labels = style.order(at["label"].unique())
     pal, sty = style.palette(labels), style.styles(labels)
     fig, axes = style.new_figure(3, title=TITLE)
     ax = axes[0]
     for lab in labels:
-        x = pairs.loc[pairs["label"] == lab, "cosine"]
-        sns.histplot(x=x, ax=ax, stat="density", element="step", fill=False, color=pal[lab],
-                     linestyle=sty[lab].linestyle, linewidth=1.6, bins=40, label=style.display(lab))
+        h = hist[hist["label"] == lab].sort_values("lo")
+        if h["count"].sum():
+            ax.stairs(h["density"], np.append(h["lo"], h["hi"].iloc[-1]), color=pal[lab],
+                      linestyle=sty[lab].linestyle, linewidth=1.6, label=style.display(lab))
     ax.axvline(0, color="#555555", linewidth=0.9)
     ax.set(title="Cosine of every (sample, probe) pair", xlabel="cosine(g(probe), g(training sample))",
            ylabel="density")

@@ -97,15 +97,20 @@ def influence_table(study: Study) -> tuple[pd.DataFrame, str]:
     mean kernel over the category's probes, with bootstrap intervals over samples."""
     frames = []
     for label, inf in study.influence.items():
-        t = inf.table.merge(inf.probe_categories.rename_axis("probe_id").reset_index(), on="probe_id", how="left")
-        t["category"] = t["category"].fillna("uncategorised")
-        frames.append(t.assign(label=label))
+        categories = inf.probe_categories
+
+        def sums(t: pd.DataFrame, categories: pd.Series = categories) -> pd.DataFrame:
+            t = t.assign(category=t["probe_id"].map(categories).fillna("uncategorised"))
+            return t.groupby(["step", "category", "train_id"]).agg(
+                cosine=("cosine", "sum"), n_cosine=("cosine", "count"), kernel=("kernel", "sum"),
+                n_kernel=("kernel", "count"))
+
+        s = inf.reduce(sums, columns=("step", "train_id", "probe_id", "kernel", "cosine"))
+        frames.append(pd.DataFrame({"mean_cosine": s["cosine"] / s["n_cosine"],
+                                    "mean_kernel": s["kernel"] / s["n_kernel"]}).reset_index().assign(label=label))
     if not frames:
         return pd.DataFrame(), ""
-    t = pd.concat(frames, ignore_index=True)
-    t, where = common_step(t)
-    per = t.groupby(["label", "category", "train_id"]).agg(mean_cosine=("cosine", "mean"),
-                                                            mean_kernel=("kernel", "mean")).reset_index()
+    per, where = common_step(pd.concat(frames, ignore_index=True))
     return mean_table(per, ["label", "category"], ["mean_cosine", "mean_kernel"], n_resamples=1000), where
 
 

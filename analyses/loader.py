@@ -37,6 +37,7 @@ INFLUENCE_COLUMNS = ("ckpt", "step", "train_id", "probe_id", "kernel", "cosine",
 INFLUENCE_NUMERIC = ("step", "kernel", "cosine", "train_norm", "probe_norm")
 SAMPLE_COLUMNS = ("label", "id")
 TEST_COLUMNS = ("a", "b", "metric")
+BATCH_ROWS = 1 << 18  # rows of an influence table read at a time
 SEED_RE = re.compile(r"^(?P<group>.+?)[-_/]seed[-_]?(?P<seed>\d+)$")
 SKIP_DIRS = re.compile(r"^(\.|checkpoint-\d+$|__pycache__$)")
 
@@ -122,7 +123,7 @@ def read_parquet_table(path: str | os.PathLike, required: tuple[str, ...] = (),
 
 
 def iter_parquet_table(path: str | os.PathLike, required: tuple[str, ...], numeric: tuple[str, ...] = (),
-                       batch_rows: int = 1 << 18) -> Iterator[pd.DataFrame]:
+                       batch_rows: int = BATCH_ROWS) -> Iterator[pd.DataFrame]:
     """:func:`read_parquet_table`'s checks, but only the ``required`` columns, ``batch_rows`` rows at a time: a
     table larger than memory can be reduced batch by batch. The file is opened once, so a live run that
     replaces it meanwhile is not read half old, half new."""
@@ -133,7 +134,7 @@ def iter_parquet_table(path: str | os.PathLike, required: tuple[str, ...], numer
     rows = 0
     try:
         with path.open("rb") as f:
-            table = pq.ParquetFile(f)
+            table = pq.ParquetFile(f, pre_buffer=False)  # pre-buffering holds every row group read so far
             _check_columns(table.schema_arrow.names, required, path)
             for batch in table.iter_batches(batch_size=batch_rows, columns=list(required)):
                 df = batch.to_pandas()
@@ -243,10 +244,6 @@ class InfluenceSet:
     roots: tuple[Path, ...] = ()
 
     @cached_property
-    def table(self) -> pd.DataFrame:
-        return read_parquet_table(self.path / "influence.parquet", INFLUENCE_COLUMNS, INFLUENCE_NUMERIC)
-
-    @cached_property
     def manifest(self) -> dict:
         return read_json(self.path / "manifest.json")
 
@@ -278,26 +275,24 @@ class InfluenceSet:
         samples, not with the N x P table."""
         return per_train_sample_of_file(self.path / "influence.parquet")
 
-    def at_step(self, step: int | None = None) -> pd.DataFrame:
-        """The table's rows at the checkpoint of training step ``step`` (the earliest if None)."""
-        return _at_step(self.table, step, self.path)
+    def reduce(self, sums: Callable[[pd.DataFrame], pd.DataFrame], agg: dict[str, str] | None = None,
+               columns: tuple[str, ...] = INFLUENCE_COLUMNS) -> pd.DataFrame:
+        """:func:`reduce_table` of this folder's ``influence.parquet``: recipes never hold its N x P rows."""
+        return reduce_table(self.path / "influence.parquet", sums, agg, columns)
 
     def per_sample_at(self, step: int | None = None) -> pd.DataFrame:
         """:attr:`per_sample`'s rows at the checkpoint of training step ``step`` (the earliest if None)."""
-        return _at_step(self.per_sample, step, self.path)
-
-
-def _at_step(table: pd.DataFrame, step: int | None, folder: Path) -> pd.DataFrame:
-    steps = sorted(set(table["step"]))
-    rows = table[table["step"] == (steps[0] if step is None else step)]
-    if rows.empty:
-        raise DynamicsError(f"no checkpoint at step {step} in {folder}; it holds steps "
-                            f"{', '.join(map(str, steps))}", field="step")
-    if rows["ckpt"].nunique() > 1:
-        raise DynamicsError(f"several checkpoints at step {rows['step'].iloc[0]} "
-                            f"({', '.join(map(str, rows['ckpt'].unique()))}): keep one per step",
-                            file=folder / "influence.parquet", field="step")
-    return rows
+        per = self.per_sample
+        steps = sorted(set(per["step"]))
+        rows = per[per["step"] == (steps[0] if step is None else step)]
+        if rows.empty:
+            raise DynamicsError(f"no checkpoint at step {step} in {self.path}; it holds steps "
+                                f"{', '.join(map(str, steps))}", field="step")
+        if rows["ckpt"].nunique() > 1:
+            raise DynamicsError(f"several checkpoints at step {rows['step'].iloc[0]} "
+                                f"({', '.join(map(str, rows['ckpt'].unique()))}): keep one per step",
+                                file=self.path / "influence.parquet", field="step")
+        return rows
 
 
 SAMPLE_KEYS = ["ckpt", "step", "train_id"]
@@ -311,15 +306,26 @@ def per_train_sample(table: pd.DataFrame) -> pd.DataFrame:
     return _means(_sums(table))
 
 
-def per_train_sample_of_file(path: str | os.PathLike, batch_rows: int = 1 << 18) -> pd.DataFrame:
-    """:func:`per_train_sample` of an ``influence.parquet`` file, reduced ``batch_rows`` rows at a time; the
-    partial sums are folded together whenever they outgrow the running total, so memory stays O(N + batch)."""
+def per_train_sample_of_file(path: str | os.PathLike, batch_rows: int | None = None) -> pd.DataFrame:
+    """:func:`per_train_sample` of an ``influence.parquet`` file, reduced ``batch_rows`` rows at a time."""
+    return _means(reduce_table(path, _sums, SUMS, batch_rows=batch_rows))
+
+
+def reduce_table(path: str | os.PathLike, sums: Callable[[pd.DataFrame], pd.DataFrame],
+                 agg: dict[str, str] | None = None, columns: tuple[str, ...] = INFLUENCE_COLUMNS,
+                 batch_rows: int | None = None) -> pd.DataFrame:
+    """Group totals of an influence table read ``batch_rows`` (default :data:`BATCH_ROWS`) rows of ``columns`` at
+    a time: ``sums(batch)`` gives a batch's partial totals indexed by the group keys, which add up over batches
+    (or combine by ``agg``, column -> pandas reduction). Partials are folded into the running total whenever
+    they outgrow it, so memory stays O(groups + batch) whatever the row order."""
+    numeric = tuple(c for c in INFLUENCE_NUMERIC if c in columns)
+    batch_rows = batch_rows or BATCH_ROWS
     held: list[pd.DataFrame] = []
-    for df in iter_parquet_table(path, INFLUENCE_COLUMNS, INFLUENCE_NUMERIC, batch_rows):
-        held.append(_sums(df))
+    for df in iter_parquet_table(path, columns, numeric, batch_rows):
+        held.append(sums(df))
         if len(held) > 1 and sum(map(len, held[1:])) > len(held[0]) + batch_rows:
-            held = [_fold(held)]
-    return _means(_fold(held))
+            held = [_fold(held, agg)]
+    return _fold(held, agg)
 
 
 SUMS = {"train_norm": "first", **dict.fromkeys(("kernel", "abs_kernel", "n_kernel", "cosine", "n_cosine",
@@ -336,8 +342,10 @@ def _sums(table: pd.DataFrame) -> pd.DataFrame:
         negative=("negative", "sum"), n_probes=("probe_id", "size"))
 
 
-def _fold(sums: list[pd.DataFrame]) -> pd.DataFrame:
-    return pd.concat(sums).groupby(level=SAMPLE_KEYS, sort=True).agg(SUMS)
+def _fold(parts: list[pd.DataFrame], agg: dict[str, str] | None) -> pd.DataFrame:
+    whole = pd.concat([p for p in parts if len(p)] or parts[:1])
+    groups = whole.groupby(level=list(whole.index.names), sort=True)
+    return groups.agg(agg) if agg else groups.sum()
 
 
 def _means(s: pd.DataFrame) -> pd.DataFrame:

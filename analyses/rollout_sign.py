@@ -66,13 +66,18 @@ def needs(study: Study) -> str | None:
 def push_table(inf: InfluenceSet, rewards: pd.DataFrame, step: float) -> pd.DataFrame:
     """Per probe: predicted change of its log p per unit learning rate under GRPO's update, mean_u A_u K(o,u),
     and its parts from positive- and negative-advantage samples."""
-    t = inf.table[inf.table["step"] == step].merge(rewards[["train_id", "advantage"]], on="train_id")
-    n = t["train_id"].nunique()
-    t = t.assign(push=t["advantage"] * t["kernel"] / n)
-    out = t.groupby("probe_id").agg(total=("push", "sum"))
-    for part, mask in (("positive", t["advantage"] > 0), ("negative", t["advantage"] < 0)):
-        out[part] = t[mask].groupby("probe_id")["push"].sum().reindex(out.index, fill_value=0.0)
-    return out.reset_index()
+    advantage = rewards.set_index("train_id")["advantage"]
+
+    def sums(t: pd.DataFrame) -> pd.DataFrame:
+        t = t[(t["step"] == step) & t["train_id"].isin(advantage.index)]
+        a = t["train_id"].map(advantage).astype(float)  # float even when no row is at this step
+        push = t["kernel"] * a
+        return pd.DataFrame({"total": push, "positive": push.where(a > 0, 0.0),
+                             "negative": push.where(a < 0, 0.0)}).groupby(t["probe_id"]).sum()
+
+    per = inf.per_sample
+    n = per.loc[(per["step"] == step) & per["train_id"].isin(advantage.index), "train_id"].nunique()
+    return (inf.reduce(sums, columns=("step", "train_id", "probe_id", "kernel")) / n).reset_index()
 
 
 def analyse(study: Study) -> Finding:

@@ -18,6 +18,7 @@ from dynamics.analyses import (
     influence_magnitude,
     knowledge_categories,
     learning_forgetting,
+    loader,
     monitor,
     rollout_sign,
     selection,
@@ -106,6 +107,32 @@ def test_bootstrap_interval_covers_the_mean_at_its_level():
     assert mean_ci(np.full(5, 2.0))[1] == (2.0, 2.0)
 
 
+def test_bootstrap_of_many_samples_is_scipys_in_bounded_memory():
+    """Intervals over thousands of training samples: scipy's bootstrap with the same seed (BCa up to
+    BCA_MAX_N units, percentile above), fed in batches, so that memory does not grow with BCa's n² jackknife
+    values (800 MB at n = 10,000 in one call) or with n_resamples · n."""
+    import subprocess
+    import sys
+
+    from dynamics.analyses.stats import BCA_MAX_N
+
+    rng = np.random.default_rng(2)
+    for n, method in ((3_000, "BCa"), (BCA_MAX_N + 1, "percentile")):
+        x = rng.exponential(1.0, n)
+        ref = sps.bootstrap((x,), np.mean, vectorized=True, n_resamples=500, method=method,
+                            rng=np.random.default_rng(7)).confidence_interval
+        assert mean_ci(x, n_resamples=500, seed=7)[1] == pytest.approx((ref.low, ref.high), rel=1e-12)
+    script = ("import numpy as np\n"
+              "from dynamics.analyses.stats import BCA_MAX_N, mean_ci\n"
+              "def peak(): return int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))\n"
+              "x = np.random.default_rng(0).normal(size=BCA_MAX_N)\n"
+              "base = peak()\n"
+              "mean_ci(x)\n"
+              "print(peak() - base)\n")  # VmHWM: this process's peak RSS (kB)
+    grew_kb = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout)
+    assert grew_kb < 200_000, grew_kb
+
+
 def test_seed_t_interval_equals_welch_free_pooled_t():
     a, b = np.array([0.5, 0.7, 0.6]), np.array([0.2, 0.1])
     est, ci = t_interval_diff(a, b)
@@ -169,11 +196,11 @@ def test_discovery_labels_seeds_and_bad_inputs(tmp_path, probes):
     assert err.value.file == str(inf / "manifest.json") and err.value.field == "train"
     pd.DataFrame({"ckpt": ["c"], "step": [0]}).to_parquet(inf / "influence.parquet")
     with pytest.raises(DynamicsError, match="missing column") as err:
-        Study.discover(tmp_path).influence["x"].table  # noqa: B018
+        Study.discover(tmp_path).influence["x"].per_sample  # noqa: B018
     assert err.value.file == str(inf / "influence.parquet")
     (inf / "influence.parquet").write_bytes(b"PAR1 garbage")
     with pytest.raises(DynamicsError, match="parquet"):
-        Study.discover(tmp_path).influence["x"].table  # noqa: B018
+        Study.discover(tmp_path).influence["x"].per_sample  # noqa: B018
     (inf / "manifest.json").write_text("{not json")
     with pytest.raises(DynamicsError, match="invalid JSON") as err:
         Study.discover(tmp_path).influence["x"].manifest  # noqa: B018
@@ -257,8 +284,15 @@ def test_learning_forgetting_item_bootstrap_from_eval_parquet(tmp_path):
 
 
 # ---------------------------------------------------------------------------- 2./3. magnitude and direction
+@pytest.fixture(params=["whole", "in batches of 5 rows"])
+def batches(request, monkeypatch):
+    """Recipes reduce influence tables batch by batch: the same results from one batch or many."""
+    if request.param != "whole":
+        monkeypatch.setattr(loader, "BATCH_ROWS", 5)
+
+
 @pytest.fixture
-def two_sources(tmp_path, probes):
+def two_sources(tmp_path, probes, batches):
     sft = jsonl(tmp_path / "data" / "sft.jsonl", [record(i, "g") for i in range(4)])
     rft = jsonl(tmp_path / "data" / "rft.jsonl", [record(i, "r") for i in range(4)])
     pn = [1.0, 2.0, 1.0, 2.0]
@@ -291,7 +325,13 @@ def test_influence_direction_by_hand(two_sources):
     assert aligned.estimate == pytest.approx(cos_rft.mean() - cos_sft.mean())
     assert aligned.ci[0] > 0 and aligned.verdict == "held"
     assert f.claim("rft_fewer_conflicts").estimate == pytest.approx((cos_rft < 0).mean() - (cos_sft < 0).mean())
-    assert len(f.tables["pairs"]) == 16 * 3
+    hist = f.tables["histogram"]  # sft at steps 0 and 20, rft at 0; bins shared by all
+    edges = np.histogram_bin_edges(np.concatenate([cos_sft, cos_rft]), 40)
+    for label, step, cos in (("sft", 0, cos_sft), ("sft", 20, cos_sft), ("rft", 0, cos_rft)):
+        h = hist[(hist["label"] == label) & (hist["step"] == step)].sort_values("lo")
+        assert h["count"].tolist() == np.histogram(cos, edges)[0].tolist()
+        np.testing.assert_allclose(h["lo"], edges[:-1])
+        assert (h["density"] * (h["hi"] - h["lo"])).sum() == pytest.approx(1.0)
 
 
 # ------------------------------------------------------------------------------------- 4. base alignment
@@ -322,7 +362,7 @@ def test_base_alignment_by_hand(two_sources):
 
 
 # --------------------------------------------------------------------------------------- 5. rollout sign
-def test_rollout_sign_push_and_groups_by_hand(tmp_path, probes):
+def test_rollout_sign_push_and_groups_by_hand(tmp_path, probes, batches):
     # two prompts, two rollouts each; no stored advantage: GRPO's reward − mean reward of the prompt's group
     recs = [record(0, "r", reward=1.0), record(1, "r", reward=0.0), record(2, "r", reward=3.0),
             record(3, "r", reward=1.0)]
@@ -331,7 +371,8 @@ def test_rollout_sign_push_and_groups_by_hand(tmp_path, probes):
     data = jsonl(tmp_path / "data" / "rollouts.jsonl", recs)  # advantages: +0.5, −0.5, +1, −1
     cos = [[0.1, 0.2, 0.1, 0.2], [-0.1, 0.1, -0.2, 0.1], [0.2, 0.1, 0.2, 0.1], [0.1, -0.1, 0.1, -0.2]]
     pn, tn = np.array([1.0, 1.0, 2.0, 2.0]), np.array([1.0, 3.0, 2.0, 4.0])
-    influence_dir(tmp_path, "rft", influence_rows(tn, cos, pn, prefix="r"), data, probes)
+    later = influence_rows(tn, -np.array(cos), pn, step=10, prefix="r")  # a later checkpoint: not the one used
+    influence_dir(tmp_path, "rft", influence_rows(tn, cos, pn, prefix="r") + later, data, probes)
     f = rollout_sign.analyse(Study.discover(tmp_path))
     adv = np.array([0.5, -0.5, 1.0, -1.0])
     kernel = np.array(cos) * tn[:, None] * pn[None, :]

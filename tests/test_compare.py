@@ -152,9 +152,9 @@ def test_influence_is_joined_at_the_checkpoint_of_the_step_asked(tmp_path, monke
     """``step`` picks the influence table's checkpoint (the earliest by default); a step the table lacks, or one
     held by two checkpoints, is one error naming the step (before, two step-0 checkpoints failed in pandas). The
     table is reduced to per-sample means as it is read, never loaded whole."""
-    from dynamics.analyses.loader import InfluenceSet
+    from dynamics.analyses import loader
 
-    monkeypatch.setattr(InfluenceSet, "table", property(lambda self: pytest.fail("the whole table was read")))
+    monkeypatch.setattr(loader, "read_parquet", lambda *a, **k: pytest.fail("a whole table was read"))
     gold = jsonl(tmp_path / "gold.jsonl", records("g", 4, 3))
     roll = jsonl(tmp_path / "rollouts.jsonl", records("r", 4, 2))
 

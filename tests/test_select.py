@@ -86,11 +86,11 @@ def test_selecting_from_a_stored_influence_table_equals_computing_it(tmp_path, t
     import numpy as np
     import torch
 
-    from dynamics.analyses.loader import InfluenceSet
+    from dynamics.analyses import loader
     from dynamics.influence import InfluenceRun, run
     from dynamics.models import load_model
 
-    monkeypatch.setattr(InfluenceSet, "table", property(lambda self: pytest.fail("the whole table was read")))
+    monkeypatch.setattr(loader, "read_parquet", lambda *a, **k: pytest.fail("a whole table was read"))
 
     trained = tmp_path / "checkpoint-5"  # a later checkpoint: the tiny model with its weights moved
     gen = torch.Generator().manual_seed(0)
