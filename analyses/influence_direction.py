@@ -89,7 +89,9 @@ def plot(at: pd.DataFrame, hist: pd.DataFrame, means: pd.DataFrame, where: str) 
     ax = axes[0]
     for lab in labels:
         h = hist[hist["label"] == lab].sort_values("lo")
-        if h["count"].sum():
+        filled = np.flatnonzero(h["count"].to_numpy())
+        h = h.iloc[filled.min():filled.max() + 1] if len(filled) else h.iloc[:0]  # bins shared with other steps
+        if len(h):
             ax.stairs(h["density"], np.append(h["lo"], h["hi"].iloc[-1]), color=pal[lab],
                       linestyle=sty[lab].linestyle, linewidth=1.6, label=style.display(lab))
     ax.axvline(0, color="#555555", linewidth=0.9)
