@@ -68,10 +68,8 @@ def cosine_histogram(study: Study, bins: int = 40) -> pd.DataFrame:
     edges = np.histogram_bin_edges([lo, hi], bins)
 
     def counts(t: pd.DataFrame) -> pd.DataFrame:
-        return pd.DataFrame({"count": np.concatenate([np.histogram(g.dropna(), edges)[0]
-                                                      for _, g in t.groupby("step")["cosine"]])},
-                            index=pd.MultiIndex.from_product([sorted(t["step"].unique()), range(bins)],
-                                                             names=["step", "bin"]))
+        return pd.concat({step: pd.DataFrame({"count": np.histogram(g.dropna(), edges)[0]})
+                          for step, g in t.groupby("step")["cosine"]}, names=["step", "bin"])
 
     frames = []
     for label, inf in study.influence.items():

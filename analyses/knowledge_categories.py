@@ -10,6 +10,7 @@ probes; means over samples with bootstrap intervals, at the earliest checkpoint 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -92,20 +93,20 @@ def _item_ci(run, category: str, metric: str, horizon: float) -> tuple[float, fl
     return None
 
 
+def _category_sums(categories: pd.Series, t: pd.DataFrame) -> pd.DataFrame:
+    """Per (step, probe category, training sample) of a batch of influence rows: sums and counts of cosine and K."""
+    t = t.assign(category=t["probe_id"].map(categories).fillna("uncategorised"))
+    return t.groupby(["step", "category", "train_id"]).agg(cosine=("cosine", "sum"), n_cosine=("cosine", "count"),
+                                                           kernel=("kernel", "sum"), n_kernel=("kernel", "count"))
+
+
 def influence_table(study: Study) -> tuple[pd.DataFrame, str]:
     """Per influence source and probe category: mean over training samples of the per-sample mean cosine and
     mean kernel over the category's probes, with bootstrap intervals over samples."""
     frames = []
     for label, inf in study.influence.items():
-        categories = inf.probe_categories
-
-        def sums(t: pd.DataFrame, categories: pd.Series = categories) -> pd.DataFrame:
-            t = t.assign(category=t["probe_id"].map(categories).fillna("uncategorised"))
-            return t.groupby(["step", "category", "train_id"]).agg(
-                cosine=("cosine", "sum"), n_cosine=("cosine", "count"), kernel=("kernel", "sum"),
-                n_kernel=("kernel", "count"))
-
-        s = inf.reduce(sums, columns=("step", "train_id", "probe_id", "kernel", "cosine"))
+        s = inf.reduce(partial(_category_sums, inf.probe_categories),
+                       columns=("step", "train_id", "probe_id", "kernel", "cosine"))
         frames.append(pd.DataFrame({"mean_cosine": s["cosine"] / s["n_cosine"],
                                     "mean_kernel": s["kernel"] / s["n_kernel"]}).reset_index().assign(label=label))
     if not frames:
