@@ -125,10 +125,11 @@ def prompt_key(record: dict) -> str:
 
 def sample_table(cfg: CompareConfig) -> pd.DataFrame:
     """Per-sample measures of every data set (the model-dependent part of compare)."""
-    from dynamics.data import read_records, text_of
+    from dynamics.data import naming_records, read_records, text_of
 
     labels = _labels(cfg)
-    records = {label: read_records(path) for label, path in zip(labels, cfg.data, strict=True)}
+    paths = dict(zip(labels, cfg.data, strict=True))
+    records = {label: read_records(path) for label, path in paths.items()}
     frames = []
     lm = None
     if cfg.model is not None:
@@ -141,12 +142,14 @@ def sample_table(cfg: CompareConfig) -> pd.DataFrame:
         if lm is not None:
             from dynamics.probes import completion_logprobs
 
-            lp = completion_logprobs(lm, recs, batch_size=cfg.batch_size)[["id", "n_tokens", "logp_sum", "logp_mean"]]
+            with naming_records(paths[label]):
+                lp = completion_logprobs(lm, recs, batch_size=cfg.batch_size)
+            lp = lp[["id", "n_tokens", "logp_sum", "logp_mean"]]
             df = df.merge(lp.astype({"id": str}), on="id", how="left", validate="one_to_one")
             df["ppl"] = np.exp(-df["logp_mean"])
         frames.append(df)
     samples = pd.concat(frames, ignore_index=True)
-    data = {label: (Path(p), {r["id"] for r in records[label]}) for label, p in zip(labels, cfg.data, strict=True)}
+    data = {label: (Path(p), {r["id"] for r in records[label]}) for label, p in paths.items()}
     influence = {}
     for folder in map(Path, cfg.influence):
         inf = InfluenceSet(folder.name, folder)

@@ -20,9 +20,11 @@ Without a chat template: prompt ids + completion ids + eos.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,6 +177,34 @@ def read_records(path: str | os.PathLike, require_completion: bool = True) -> li
     return records
 
 
+def record_line(path: str | os.PathLike, record_id: str) -> int | None:
+    """The line (parquet: row) of the record ``record_id`` in a records file, or None."""
+    try:
+        for line, raw in _raw_rows(Path(path)):
+            if isinstance(raw, dict) and validate_record(raw, path, line, require_completion=False)["id"] == record_id:
+                return line
+    except DynamicsError:  # not a records file
+        pass
+    return None
+
+
+@contextlib.contextmanager
+def naming_records(*paths: str | os.PathLike | None) -> Iterator[None]:
+    """Give an error about one record (field ``... (record ID)``) that names no file the file and line of that
+    record: in the first of ``paths`` (records files; others are skipped) that holds it."""
+    try:
+        yield
+    except DynamicsError as e:
+        named = re.search(r"\(record (.+)\)$", e.field or "")
+        if e.file is not None or not named:
+            raise
+        for path in paths:
+            line = record_line(path, named.group(1)) if path and Path(path).is_file() else None
+            if line is not None:
+                raise DynamicsError(e.message, file=path, line=line, field=e.field) from None
+        raise
+
+
 def write_records(path: str | os.PathLike, records: Sequence[dict], relative_images: bool = False) -> Path:
     """Write records atomically as JSONL (or parquet, by suffix); ``relative_images`` writes image paths
     relative to the file's folder (so that the file and its images can move together)."""
@@ -279,11 +309,13 @@ def encode(
     completion: list[dict] | str | None = None,
     images: Sequence[str] | Sequence[Any] | None = None,
     max_length: int | None = None,
+    new_tokens: int = 0,
 ) -> Encoded:
     """Tokenize prompt (+ completion) by the project's convention; see the module docstring.
 
     ``processing_class`` is a tokenizer or a :class:`dynamics.models.VLProcessor`; ``images`` are paths or
-    PIL images. With ``completion=None`` the result is the generation prompt alone.
+    PIL images. With ``completion=None`` the result is the generation prompt alone. The tokens, and the
+    ``new_tokens`` a generation may add to them, must fit in ``max_length`` (the model's context).
     """
     prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     if isinstance(completion, str):
@@ -322,19 +354,22 @@ def encode(
         prompt_ids = tok(text_of(prompt))["input_ids"]
         full_ids = prompt_ids if completion is None else (
             prompt_ids + tok(text_of(completion), add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
-    if max_length is not None and len(full_ids) > max_length:
-        raise DynamicsError(f"{len(full_ids)} tokens exceed the model's context of {max_length}", field="prompt")
+    if max_length is not None and len(full_ids) + new_tokens > max_length:
+        also = f" and the {new_tokens} to generate" if new_tokens else ""
+        raise DynamicsError(f"{len(full_ids)} tokens{also} exceed the model's context of {max_length}", field="prompt")
     mask = [0] * len(prompt_ids) + [1] * (len(full_ids) - len(prompt_ids))
     return Encoded(list(full_ids), mask, pixel_values, grid)
 
 
 def encode_record(processing_class: Any, record: dict, max_length: int | None = None,
-                  completion: list[dict] | str | None = None) -> Encoded:
-    """:func:`encode` a record; ``completion`` overrides the record's own (e.g. a probe's base response)."""
+                  completion: list[dict] | str | None = None, new_tokens: int = 0) -> Encoded:
+    """:func:`encode` a record; ``completion`` overrides the record's own (e.g. a probe's base response). An
+    error names the record in its field (``prompt (record ID)``), which :func:`naming_records` turns into the
+    record's file and line."""
     try:
         return encode(processing_class, record["prompt"],
                       completion if completion is not None else record.get("completion"),
-                      record.get("images"), max_length)
+                      record.get("images"), max_length, new_tokens)
     except DynamicsError as e:
         raise DynamicsError(e.message, file=e.file, line=e.line, field=f"{e.field} (record {record['id']})") from None
 

@@ -24,7 +24,7 @@ import pandas as pd
 
 from dynamics.errors import DynamicsError, check_bounds
 from dynamics.models import LoadedModel
-from dynamics.store import atomic_path, text_hash, versions, write_json, write_jsonl
+from dynamics.store import atomic_path, removed_on_error, text_hash, versions, write_json, write_jsonl
 
 COLUMNS = ["model", "step", "item_id", "kind", "category", "correct", "logp_sum", "logp_mean", "reward", "hit",
            "format", "response", "logp_base_sum", "logp_base_mean"]
@@ -109,15 +109,17 @@ def evaluate_model(
     model_name: str = "",
 ) -> pd.DataFrame:
     """Rows in the ``eval.parquet`` format for one model: greedy task answers and probe scores."""
+    from dynamics.data import naming_records
     from dynamics.probes import score_probes
 
     parts = []
-    if task_records:
-        parts.append(_task_rows(lm, task_records, config))
-    if probes:
-        df = score_probes(lm, probes, max_new_tokens=config.probe_max_new_tokens, batch_size=config.batch_size,
-                          logp_batch_size=config.logp_batch_size, progress=config.progress)
-        parts.append(df.drop(columns=["n_tokens"]).rename(columns={"id": "item_id"}).assign(kind="probe"))
+    with naming_records(config.task_data, config.probes):
+        if task_records:
+            parts.append(_task_rows(lm, task_records, config))
+        if probes:
+            df = score_probes(lm, probes, max_new_tokens=config.probe_max_new_tokens, batch_size=config.batch_size,
+                              logp_batch_size=config.logp_batch_size, progress=config.progress)
+            parts.append(df.drop(columns=["n_tokens"]).rename(columns={"id": "item_id"}).assign(kind="probe"))
     if not parts:
         raise DynamicsError("nothing to evaluate: no task records and no probes", field="task")
     out = pd.concat(parts, ignore_index=True)
@@ -209,46 +211,48 @@ def run_eval(
     checkpoints = resolve_checkpoints(spec)
     if not checkpoints:
         raise DynamicsError("the run folder has no complete checkpoint yet", file=spec, field="model")
-    loaded: dict[str, LoadedModel] = {}
-    if task_records is None or probes is None:
-        kind = "causal-lm"
-        # the first model is loaded before anything is written (a model that does not load leaves no folder
-        # behind), and for its kind, on which the default probe suite depends; not when resuming named probes
-        if not (out_dir / "manifest.json").exists() or (probes is None and not config.probes):
-            first = loaded[checkpoints[0].spec] = load_model(checkpoints[0].spec, dtype=config.dtype,
-                                                              device=config.device)
-            kind = first.kind
-        built_tasks, built_probes = load_inputs(config, out_dir, kind)
-        task_records = built_tasks if task_records is None else task_records
-        probes = built_probes if probes is None else probes
-    weights = {c.name: text_hash(fingerprint(c.spec), 16) for c in checkpoints}
-    manifest = {"format": FORMAT, "model": str(spec), "config": {k: v for k, v in asdict(config).items()
-                                                                 if k != "progress"},
-                "inputs": _inputs_hash(task_records, probes), "checkpoints": [c.name for c in checkpoints],
-                "weights": weights}
-    manifest_path, parquet = out_dir / "manifest.json", out_dir / "eval.parquet"
-    frames = []
-    if parquet.exists() and manifest_path.exists():
-        old = json.loads(manifest_path.read_text())
-        if all(old.get(k) == manifest[k] for k in ("model", "config", "inputs")):
-            # rows of a checkpoint whose weights changed since (retrained in place) are evaluated again
-            kept = {m: w for m, w in (old.get("weights") or {}).items() if weights.get(m, w) == w}
-            rows = pd.read_parquet(parquet)
-            frames.append(rows[rows["model"].isin(set(kept))])
-            manifest["weights"] = {**kept, **weights}
-    done = {(m, int(s)) for f in frames for m, s in zip(f["model"], f["step"], strict=True)}
-    for ckpt in checkpoints:  # a model loaded for its kind alone is not held while the others are evaluated
-        if (ckpt.name, ckpt.step) in done:
-            loaded.pop(ckpt.spec, None)
-    write_json(manifest_path, {**manifest, "versions": versions()})
-    for ckpt in checkpoints:
-        if (ckpt.name, ckpt.step) in done:
-            continue
-        lm = loaded.pop(ckpt.spec, None) or load_model(ckpt.spec, dtype=config.dtype, device=config.device)
-        frames.append(evaluate_model(lm, task_records, probes, config, step=ckpt.step, model_name=ckpt.name))
-        with atomic_path(parquet) as tmp:
-            pd.concat(frames, ignore_index=True).to_parquet(tmp, index=False)
-        del lm
+    # bad input met before the first model's rows are written leaves no folder behind
+    with removed_on_error(out_dir, lambda d: (d / "eval.parquet").exists()):
+        loaded: dict[str, LoadedModel] = {}
+        if task_records is None or probes is None:
+            kind = "causal-lm"
+            # the first model is loaded first, for its kind, on which the default probe suite depends (not when
+            # resuming named probes)
+            if not (out_dir / "manifest.json").exists() or (probes is None and not config.probes):
+                first = loaded[checkpoints[0].spec] = load_model(checkpoints[0].spec, dtype=config.dtype,
+                                                                  device=config.device)
+                kind = first.kind
+            built_tasks, built_probes = load_inputs(config, out_dir, kind)
+            task_records = built_tasks if task_records is None else task_records
+            probes = built_probes if probes is None else probes
+        weights = {c.name: text_hash(fingerprint(c.spec), 16) for c in checkpoints}
+        manifest = {"format": FORMAT, "model": str(spec), "config": {k: v for k, v in asdict(config).items()
+                                                                     if k != "progress"},
+                    "inputs": _inputs_hash(task_records, probes), "checkpoints": [c.name for c in checkpoints],
+                    "weights": weights}
+        manifest_path, parquet = out_dir / "manifest.json", out_dir / "eval.parquet"
+        frames = []
+        if parquet.exists() and manifest_path.exists():
+            old = json.loads(manifest_path.read_text())
+            if all(old.get(k) == manifest[k] for k in ("model", "config", "inputs")):
+                # rows of a checkpoint whose weights changed since (retrained in place) are evaluated again
+                kept = {m: w for m, w in (old.get("weights") or {}).items() if weights.get(m, w) == w}
+                rows = pd.read_parquet(parquet)
+                frames.append(rows[rows["model"].isin(set(kept))])
+                manifest["weights"] = {**kept, **weights}
+        done = {(m, int(s)) for f in frames for m, s in zip(f["model"], f["step"], strict=True)}
+        for ckpt in checkpoints:  # a model loaded for its kind alone is not held while the others are evaluated
+            if (ckpt.name, ckpt.step) in done:
+                loaded.pop(ckpt.spec, None)
+        write_json(manifest_path, {**manifest, "versions": versions()})
+        for ckpt in checkpoints:
+            if (ckpt.name, ckpt.step) in done:
+                continue
+            lm = loaded.pop(ckpt.spec, None) or load_model(ckpt.spec, dtype=config.dtype, device=config.device)
+            frames.append(evaluate_model(lm, task_records, probes, config, step=ckpt.step, model_name=ckpt.name))
+            with atomic_path(parquet) as tmp:
+                pd.concat(frames, ignore_index=True).to_parquet(tmp, index=False)
+            del lm
     df = pd.concat(frames, ignore_index=True)
     write_jsonl(out_dir / "summary.jsonl", summaries(df))
     return df

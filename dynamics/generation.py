@@ -15,8 +15,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from dynamics.data import Encoded, encode_record
+from dynamics.data import Encoded, context_length, encode_record
 from dynamics.models import LoadedModel
+
+
+def encode_prompts(lm: LoadedModel, records: Sequence[dict], new_tokens: int) -> list[Encoded]:
+    """Each record's generation prompt, checked to leave ``new_tokens`` of the model's context to generate."""
+    limit = context_length(lm.model)
+    return [encode_record(lm.processing_class, {**r, "completion": None}, limit, new_tokens=new_tokens)
+            for r in records]
 
 
 def left_pad(items: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
@@ -57,7 +64,7 @@ def generate(
     greedy = temperature == 0
     n_samples = 1 if greedy else num_samples
     tok = lm.tokenizer
-    encoded = [encode_record(lm.processing_class, {**r, "completion": None}) for r in records]
+    encoded = encode_prompts(lm, records, max_new_tokens)
     share = n_samples > 1 and all(e.pixel_values is None and len(e.input_ids) > 1 for e in encoded)
     per_batch = max(1, batch_size // n_samples) if share else batch_size
     # long prompts first so that padding stays small within a batch; every (record, sample) pair is one sequence

@@ -36,10 +36,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -48,7 +47,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from dynamics.data import Encoded, collate, context_length, encode_record
+from dynamics.data import Encoded, collate, context_length, encode_record, naming_records
 from dynamics.errors import DynamicsError, check_bounds
 from dynamics.gradients import (
     BYTE_COST,
@@ -228,9 +227,10 @@ class Lengths:
 
 
 def encode_all(lm: LoadedModel, records: Sequence[dict], completions: Sequence | None = None,
-               tokens: str = "all") -> list[Encoded]:
-    """Encode records (optionally with other completions), checking each fits the model's context;
-    ``tokens="content"`` keeps only the answer's own completion tokens (see :meth:`Encoded.content_only`)."""
+               tokens: str = "all", fields: Sequence[str] | None = None) -> list[Encoded]:
+    """Encode records (optionally with other completions: ``fields[i]`` names where record i's comes from, for
+    errors), checking each fits the model's context and has a token to score; ``tokens="content"`` keeps only
+    the answer's own completion tokens (see :meth:`Encoded.content_only`)."""
     limit = context_length(lm.model)
     special = set(lm.tokenizer.all_special_ids)
     out = []
@@ -240,7 +240,10 @@ def encode_all(lm: LoadedModel, records: Sequence[dict], completions: Sequence |
         if tokens == "content":
             enc = enc.content_only(special)
         if not any(enc.completion_mask):
-            raise DynamicsError(f"record {rec['id']} has no completion tokens", field="completion")
+            why = ("is empty: with tokens=content (the answer's own tokens, not the chat template's end-of-turn) "
+                   "nothing is left to score" if tokens == "content" else "has no tokens to score")
+            field = fields[i] if fields else "completion"
+            raise DynamicsError(f"the completion {why}", field=f"{field} (record {rec['id']})")
         out.append(enc)
     return out
 
@@ -250,8 +253,12 @@ def encode_train(lm: LoadedModel, records: Sequence[dict], config: InfluenceConf
 
 
 def encode_probes(lm: LoadedModel, probes: Sequence[dict], config: InfluenceConfig) -> list[Encoded]:
-    """Probes with their target completion (the base model's own response, or gold)."""
-    return encode_all(lm, probes, _probe_completions(probes, config.target), tokens=config.tokens)
+    """Probes with their target completion (the base model's own response, or gold:
+    :func:`dynamics.probes.probe_target`)."""
+    from dynamics.probes import probe_target, probe_target_field
+
+    return encode_all(lm, probes, [probe_target(p, config.target) for p in probes], tokens=config.tokens,
+                      fields=[probe_target_field(p, config.target) for p in probes])
 
 
 def _layout(items: Sequence[Encoded]) -> Layout:
@@ -529,14 +536,6 @@ def _use_dense(recorder: Recorder, store: ProbeStore, name: str, pg: ParamGrad, 
 
 
 # --------------------------------------------------------------------------------------------- public API
-def _probe_completions(probes: Sequence[dict], target: str) -> list:
-    if target == "gold":
-        return [p["completion"] for p in probes]
-    from dynamics.probes import probe_target
-
-    return [probe_target(p, target) for p in probes]
-
-
 def _expand_per_token(encoded: list[Encoded]) -> tuple[list[Encoded], list[tuple[int, int]]]:
     """One pseudo-probe per completion token (same input, weight on that token only)."""
     out, keys = [], []
@@ -994,20 +993,6 @@ def _inputs(job: InfluenceRun) -> tuple[list[dict], list[dict], list, list[list[
     return train, probes, ckpts, blocks, shards
 
 
-@contextlib.contextmanager
-def _naming_file(job: InfluenceRun, block: Sequence[dict]) -> Iterator[None]:
-    """Add the records file to an error about one record that names none (e.g. a prompt longer than the
-    model's context): the training file if the record is in ``block``, else the probes file."""
-    try:
-        yield
-    except DynamicsError as e:
-        named = re.search(r"\(record (.+)\)$", e.field or "")
-        if e.file is not None or not named:
-            raise
-        file = job.train if named.group(1) in {r["id"] for r in block} else job.probes
-        raise DynamicsError(e.message, file=file, line=e.line, field=e.field) from None
-
-
 def compute_shards(job: InfluenceRun, rank: int = 0, world: int = 1,
                    progress_factory: Callable[[str, int], Callable[[int], None]] | None = None) -> dict[str, float]:
     """Compute this rank's unfinished shards (index ≡ rank mod world), each written atomically, into an OUT made
@@ -1034,7 +1019,7 @@ def compute_shards(job: InfluenceRun, rank: int = 0, world: int = 1,
         timings["load"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         block = blocks[s.block]
-        with _naming_file(job, train):
+        with naming_records(job.train, job.probes):
             if side is None:  # the probe pass(es) of this checkpoint, shared by all its blocks
                 bars = None if progress_factory is None else \
                     lambda what, total, name=s.ckpt.name: progress_factory(f"{name} {what}", total)

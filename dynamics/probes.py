@@ -33,7 +33,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from dynamics.data import collate, encode_record, read_records, write_records
+from dynamics.data import collate, context_length, encode_record, naming_records, read_records, write_records
 from dynamics.errors import DynamicsError, check_bounds
 from dynamics.models import LoadedModel
 from dynamics.store import check_file, make_folder, write_image, write_json
@@ -197,15 +197,21 @@ def probe_correct(record: dict, response: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------- log-probabilities
-def probe_target(record: dict, target: str = "base") -> list[dict]:
-    """The completion whose log p measures a probe: the base model's own response (``target="base"``, stored by
-    :func:`build_probes` in ``meta.base_response``; the gold completion when there is none) or the gold one."""
+def probe_target_field(record: dict, target: str = "base") -> str:
+    """Where a probe's target completion is: ``meta.base_response`` (``target="base"``, stored by
+    :func:`build_probes`), or ``completion`` (the gold one, also for a probe without a stored response)."""
     if target not in TARGETS:
         raise DynamicsError(f"unknown probe target {target!r}; choose one of {', '.join(TARGETS)}", field="target")
     response = (record.get("meta") or {}).get("base_response")
-    if target == "base" and isinstance(response, str):
-        return [{"role": "assistant", "content": response}]
-    return record["completion"]
+    return "meta.base_response" if target == "base" and isinstance(response, str) else "completion"
+
+
+def probe_target(record: dict, target: str = "base") -> list[dict]:
+    """The completion whose log p measures a probe: the base model's own response or the gold one (see
+    :func:`probe_target_field`)."""
+    if probe_target_field(record, target) == "completion":
+        return record["completion"]
+    return [{"role": "assistant", "content": record["meta"]["base_response"]}]
 
 
 @torch.no_grad()
@@ -220,7 +226,8 @@ def completion_logprobs(
     output head runs only at completion positions: :func:`dynamics.influence.token_logprobs`)."""
     from dynamics.influence import token_logprobs
 
-    encoded = [encode_record(lm.processing_class, rec, completion=None if completions is None else completions[i])
+    limit = context_length(lm.model)
+    encoded = [encode_record(lm.processing_class, rec, limit, None if completions is None else completions[i])
                for i, rec in enumerate(records)]
     order = sorted(range(len(records)), key=lambda i: -len(encoded[i].input_ids))
     sums = [0.0] * len(records)
@@ -315,8 +322,9 @@ def build_probes(config: ProbeBuildConfig, out: str | Path, lm: LoadedModel | No
     probes = load_probes(suite, image_dir=out.parent / f"{out.stem}_images")
     if config.limit is not None:
         probes = probes[: config.limit]
-    df = score_probes(lm, probes, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
-                      progress=config.progress)
+    with naming_records(suite):
+        df = score_probes(lm, probes, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
+                          progress=config.progress)
     kept = []
     for rec, row in zip(probes, df.itertuples(), strict=True):
         meta = {**(rec.get("meta") or {}), "base_model": config.model, "base_response": row.response,

@@ -131,7 +131,7 @@ def _simulate(lm, records: list[dict], config: SelectConfig) -> tuple[list[dict]
 
 def select(config: SelectConfig, lm=None) -> tuple[Path, pd.DataFrame]:
     """Score, rank and keep training samples; write the kept records and the decision table."""
-    from dynamics.data import read_records, write_records
+    from dynamics.data import naming_records, read_records, write_records
     from dynamics.models import load_model
 
     config.validate()
@@ -144,9 +144,10 @@ def select(config: SelectConfig, lm=None) -> tuple[Path, pd.DataFrame]:
     else:
         probes = read_records(config.probes)
         lm = lm or load_model(config.model, dtype=config.influence.dtype, device=config.influence.device)
-        if config.strategy == "simulate-rollouts":
-            records, reasons = _simulate(lm, records, config)
-        scores = per_train_sample(compute(lm, records, probes, config.influence, ckpt=lm.name))
+        with naming_records(config.data, config.probes):
+            if config.strategy == "simulate-rollouts":
+                records, reasons = _simulate(lm, records, config)
+            scores = per_train_sample(compute(lm, records, probes, config.influence, ckpt=lm.name))
     # per sample: mean kernel, mean |kernel| and mean cosine over probes, and its gradient norm
     table = scores.set_index("train_id").loc[
         [r["id"] for r in records], ["mean_kernel", "mean_abs_kernel", "mean_cosine", "train_norm"]]

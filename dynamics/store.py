@@ -12,8 +12,9 @@ import io
 import json
 import os
 import platform
+import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -84,6 +85,20 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def removed_on_error(folder: str | os.PathLike, produced: Callable[[Path], bool]) -> Iterator[None]:
+    """A command that fails on the user's input (a :class:`DynamicsError`) before it ``produced`` anything in
+    ``folder`` leaves no folder behind, if it made the folder."""
+    folder = Path(folder)
+    fresh = not folder.exists()
+    try:
+        yield
+    except DynamicsError:
+        if fresh and folder.is_dir() and not produced(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

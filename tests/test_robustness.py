@@ -427,7 +427,7 @@ def test_bounds_admit_their_edge_values(tmp_path):
     assert (cfg.max_steps, cfg.num_train_epochs, cfg.learning_rate) == (-1, 0.5, 0.0)
 
 
-def test_cli_rejects_undecodable_image_and_long_prompt(tmp_path, main_in_process, monkeypatch):
+def test_cli_rejects_undecodable_image(tmp_path, main_in_process, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
     img = write_records(tmp_path / "img.jsonl", [{**GOOD, "images": ["broken.png"]}])
@@ -435,12 +435,40 @@ def test_cli_rejects_undecodable_image_and_long_prompt(tmp_path, main_in_process
     code, err = main_in_process("influence", "--ckpt", "tiny-qwen2.5-vl", "--train", str(img), "--probes", str(img),
                                 "--out", str(out))
     assert_clean_error(code, err, "broken.png", "decode", out)
-    long = write_records(tmp_path / "long.jsonl", [{**GOOD, "prompt": "word " * 5000}])
-    code, err = main_in_process("influence", "--ckpt", "tiny-llama", "--train", str(long), "--probes", str(long),
-                                "--out", str(out))
-    assert_clean_error(code, err, "long.jsonl", "context", out)
-    code, err = main_in_process("train", "sft", "--model", "tiny-llama", "--data", str(long), "--out", str(out))
-    assert_clean_error(code, err, "long.jsonl:1", "context", out)
+
+
+def test_every_command_names_the_line_of_a_record_beyond_the_context(tmp_path, main_in_process, monkeypatch):
+    """A prompt longer than the model's context (with the tokens to generate, where a command generates from
+    it) is rejected by every command that reads it, before it trains or writes: one line naming the file and
+    the record's line (blank lines count; a parquet file's row), and no output left behind."""
+    monkeypatch.chdir(tmp_path)
+    ok = str(write_records(tmp_path / "ok.jsonl", [GOOD, {**GOOD, "id": "b"}]))
+    long_record = {**GOOD, "id": "long", "prompt": [{"role": "user", "content": "word " * 5000}]}
+    (tmp_path / "long.jsonl").write_text(json.dumps(GOOD) + "\n\n" + json.dumps(long_record) + "\n")
+    write_records(tmp_path / "long.parquet", [GOOD, long_record])
+    model = ["--model", "tiny-llama"]
+    jobs = [  # (arguments before --out, output, where, what the message says)
+        (["select", "--data", "long.jsonl", "--probes", ok, *model, "--budget", "1"], "k.jsonl", "long.jsonl:3", ""),
+        (["select", "--data", ok, "--probes", "long.jsonl", *model, "--budget", "1"], "k.jsonl", "long.jsonl:3", ""),
+        (["influence", "--ckpt", "tiny-llama", "--train", "long.jsonl", "--probes", ok], "inf", "long.jsonl:3", ""),
+        (["influence", "--ckpt", "tiny-llama", "--train", ok, "--probes", "long.parquet"], "inf", "long.parquet:2",
+         ""),
+        (["compare", "--data", ok, "--data", "long.jsonl", *model], "cmp", "long.jsonl:3", ""),
+        (["eval", *model, "--no-task", "--probes", "long.jsonl"], "ev", "long.jsonl:3", "the 48 to generate"),
+        (["eval", *model, "--task-data", "long.jsonl", "--probes", ok], "ev", "long.jsonl:3", "to generate"),
+        (["probes", "build", *model, "--suite", "long.jsonl"], "p.jsonl", "long.jsonl:3", "the 48 to generate"),
+        (["rollouts", *model, "--data", "long.jsonl", "--samples", "2"], "r.jsonl", "long.jsonl:3", "to generate"),
+        (["train", "sft", *model, "--data", "long.jsonl"], "run", "long.jsonl:3", ""),
+        (["train", "sft", *model, "--data", ok, "--monitor", "long.jsonl"], "run", "long.jsonl:3", ""),
+        (["train", "sft", *model, "--data", ok, "--probes", "long.jsonl", "--eval-every", "1"], "run",
+         "long.jsonl:3", "to generate"),  # met by the step-0 evaluation, as training starts
+        (["train", "rft", *model, "--data", "long.jsonl", "--max-new-tokens", "16"], "run", "long.jsonl:3",
+         "the 16 to generate"),
+    ]
+    for args, out, where, what in jobs:
+        code, err = main_in_process(*args, "--out", out)
+        assert_clean_error(code, err, where, "exceed the model's context", tmp_path / out)
+        assert "field 'prompt (record long)'" in err and what in err, err
 
 
 def test_cli_rejects_a_corrupt_checkpoint(tmp_path, main_in_process, monkeypatch):
@@ -644,3 +672,19 @@ def test_concat_parquet_holds_one_file_at_a_time(tmp_path, monkeypatch):
     with pytest.raises(DynamicsError, match="not a readable parquet file") as e:
         concat_parquet(paths, tmp_path / "again.parquet")
     assert e.value.file == str(paths[3]) and not list(tmp_path.glob("*again*"))
+
+
+def test_a_probe_with_no_token_to_score_is_named(tmp_path, main_in_process, monkeypatch):
+    """A probe whose target, its stored base response, is empty keeps no token under ``--tokens content``
+    (select's default: the chat template's end-of-turn is not the answer's): the error names the probe's line
+    and field; scoring every completion token works."""
+    monkeypatch.chdir(tmp_path)
+    ok = str(write_records(tmp_path / "ok.jsonl", [GOOD, {**GOOD, "id": "b"}]))
+    probes = str(write_records(tmp_path / "probes.jsonl", [
+        {**GOOD, "meta": {"base_response": "4"}}, {**GOOD, "id": "empty", "meta": {"base_response": ""}}]))
+    select = ["select", "--data", ok, "--probes", probes, "--model", "tiny-llama", "--budget", "1", "--out", "k.jsonl"]
+    code, err = main_in_process(*select)
+    assert_clean_error(code, err, "probes.jsonl:2", "nothing is left to score", tmp_path / "k.jsonl")
+    assert "field 'meta.base_response (record empty)'" in err, err
+    code, err = main_in_process(*select, "--tokens", "all")
+    assert code == 0 and (tmp_path / "k.jsonl").is_file(), err

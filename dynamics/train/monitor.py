@@ -105,7 +105,7 @@ class InterferenceMonitor(TrainerCallback):
 
     def __init__(self, config: MonitorConfig, lm: LoadedModel, run_dir: str | Path,
                  records: list[dict] | None = None) -> None:
-        from dynamics.data import read_records
+        from dynamics.data import naming_records, read_records
 
         self.config = config
         self.icfg = config.influence_config()
@@ -113,6 +113,8 @@ class InterferenceMonitor(TrainerCallback):
         self.path = Path(run_dir) / "monitor.jsonl"
         self.probes = read_records(config.probes)
         self.probe_ids = [p["id"] for p in self.probes]
+        with naming_records(config.probes):  # checked (context, tokens to score) before the run trains
+            self.encoded = encode_probes(lm, self.probes, self.icfg)
         self.ids_by_row: dict[str, str] = {}
         self.tokens_by_id: dict[str, tuple[list[int], int]] = {}  # GRPO rollouts: token ids, prompt length
         self.train_lens: list[tuple[int, int]] = []  # SFT rows' (tokens, completion tokens), for the plan
@@ -186,7 +188,7 @@ class InterferenceMonitor(TrainerCallback):
         was_training = model.training
         model.eval()
         try:
-            enc = encode_probes(lm, self.probes, self.icfg)
+            enc = self.encoded
             batches, own = Batches(enc, self.icfg.batch_size), Lengths.of(enc)
             self.budget = _memory_budget(self.icfg)
             self.ownable = self._ownable(model)

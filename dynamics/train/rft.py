@@ -28,8 +28,9 @@ import torch
 from transformers import BatchFeature, ProcessorMixin
 from trl import GRPOConfig, GRPOTrainer
 
-from dynamics.data import encode, load_images, text_of
+from dynamics.data import encode, load_images, naming_records, text_of
 from dynamics.errors import DynamicsError, check_bounds
+from dynamics.generation import encode_prompts
 from dynamics.store import append_jsonl
 from dynamics.train.rollouts import prompt_records, rollout_record
 from dynamics.train.run import (
@@ -234,19 +235,20 @@ def build_rft_trainer(config: RFTRunConfig, task: Any = None, records: Sequence[
         records = prompt_records(task, config.data, config.n_prompts, config.prompts_seed)
     if config.max_completion_length is None:
         config.max_completion_length = task.max_new_tokens
-    with setup_guard(config):
-        lm, info, resume_from = start_run(config, "rft", records, task=getattr(task, "name", config.task),
-                                          task_args=config.task_args)
-        if config.beta and not lm.is_peft and not config.lora_r:
-            _reference_on_disk(lm, config)
-        processing = TRLVisionProcessor(lm.processor) if lm.processor is not None else lm.tokenizer
-        trainer = DynamicsGRPOTrainer(model=lm.model, reward_funcs=list(task.reward_funcs), args=config,
-                                      train_dataset=rft_dataset(records), processing_class=processing,
-                                      callbacks=run_callbacks(config, lm, callbacks, config.task, config.task_args),
-                                      peft_config=lora_config(config) if config.lora_r else None)
-        trainer.run_processing_class = lm.processing_class
-        trainer.run_info = info
-        attach_monitor(trainer, config, lm, None)  # reads its probes file
+    lm, info, resume_from = start_run(config, "rft", records, task=getattr(task, "name", config.task),
+                                      task_args=config.task_args)
+    with naming_records(config.data):  # every prompt leaves the completion length of the context free
+        encode_prompts(lm, records, config.max_completion_length)
+    if config.beta and not lm.is_peft and not config.lora_r:
+        _reference_on_disk(lm, config)
+    processing = TRLVisionProcessor(lm.processor) if lm.processor is not None else lm.tokenizer
+    trainer = DynamicsGRPOTrainer(model=lm.model, reward_funcs=list(task.reward_funcs), args=config,
+                                  train_dataset=rft_dataset(records), processing_class=processing,
+                                  callbacks=run_callbacks(config, lm, callbacks, config.task, config.task_args),
+                                  peft_config=lora_config(config) if config.lora_r else None)
+    trainer.run_processing_class = lm.processing_class
+    trainer.run_info = info
+    attach_monitor(trainer, config, lm, None)  # reads its probes file
     trainer.task = task
     trainer.records_by_id = {r["id"]: r for r in records}
     trainer.rollouts_path = Path(config.output_dir) / "rollouts.jsonl" if config.log_rollouts else None
@@ -273,5 +275,6 @@ def train_rft(config: RFTRunConfig, task: Any = None, records: Sequence[dict] | 
     ``task`` / ``records`` override the task and the prompts built from the config; ``callbacks`` are extra
     ``TrainerCallback``s (e.g. a live monitor).
     """
-    trainer, resume_from = build_rft_trainer(config, task, records, callbacks)
-    return run_trainer(trainer, config, resume_from, trainer.run_info)
+    with setup_guard(config):
+        trainer, resume_from = build_rft_trainer(config, task, records, callbacks)
+        return run_trainer(trainer, config, resume_from, trainer.run_info)

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from dynamics.data import read_records, write_records
+from dynamics.data import naming_records, read_records, record_line, write_records
 from dynamics.errors import DynamicsError, check_bounds
 from dynamics.store import check_file, read_jsonl_rows, text_hash, write_jsonl
 
@@ -116,10 +116,10 @@ def keep_rollouts(rows: Sequence[dict], keep: str = "all") -> list[dict]:
 def prompt_records(task: Any, data: str | os.PathLike | None, n: int, seed: int) -> list[dict]:
     """Prompt records with answers: read from ``data`` or built by the task."""
     records = read_records(data, require_completion=False) if data else task.build(n, seed)
-    for i, rec in enumerate(records, start=1):
+    for rec in records:
         if rec.get("answer") is None:
-            raise DynamicsError("rollouts are scored against the record's answer", file=data, line=i,
-                                field="answer")
+            raise DynamicsError("rollouts are scored against the record's answer", file=data,
+                                line=record_line(data, rec["id"]) if data else None, field="answer")
     return records
 
 
@@ -169,6 +169,7 @@ def sample_in_shards(config: RolloutsConfig, task: Any, records: Sequence[dict])
     block written atomically to :func:`shards_dir`; with ``resume``, blocks already written under the same
     configuration, prompts and model weights are read back instead of sampled again, so the result equals an
     uninterrupted run's."""
+    from dynamics.generation import encode_prompts
     from dynamics.models import BF16_EMULATED, fingerprint, load_model, native_bf16
 
     folder = shards_dir(config.out)
@@ -185,6 +186,8 @@ def sample_in_shards(config: RolloutsConfig, task: Any, records: Sequence[dict])
             continue
         if lm is None:
             lm = load_model(config.model)
+            with naming_records(config.data):  # every prompt leaves the tokens to generate free, before any is sampled
+                encode_prompts(lm, records, config.max_new_tokens or task.max_new_tokens)
             if config.bf16 and not native_bf16("cpu"):
                 print(f"{config.out}: {BF16_EMULATED}: without --bf16 it samples faster", file=sys.stderr)
         block = sample_rollouts(lm, task, records[start:start + config.shard_size], samples=config.samples,

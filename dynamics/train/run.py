@@ -25,7 +25,7 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from dynamics.store import (
     file_hash,
     input_file,
     read_jsonl_rows,
+    removed_on_error,
     text_hash,
     versions,
     write_json,
@@ -307,17 +308,15 @@ def start_run(config: Any, kind: str, records: Sequence[dict], **data: Any) -> t
     return lm, info, resume_from
 
 
-@contextlib.contextmanager
-def setup_guard(config: Any) -> Iterator[None]:
-    """Setting a run up (model, data, trainer, monitor) fails on the user's input: remove the run folder if this
-    call made it."""
-    fresh = not Path(config.output_dir).exists()
-    try:
-        yield
-    except DynamicsError:
-        if fresh and config.should_save:
-            shutil.rmtree(config.output_dir, ignore_errors=True)
-        raise
+def setup_guard(config: Any) -> contextlib.AbstractContextManager:
+    """A run that fails on the user's input before it produced anything (in its set-up: model, data, trainer,
+    monitor; or as training starts: the step-0 evaluation) leaves no run folder behind, if it made it. A run that
+    wrote a checkpoint or a log row is kept; only the main process removes."""
+    def produced(run: Path) -> bool:
+        logged = any((run / name).is_file() and (run / name).stat().st_size for name in RUN_LOGS)
+        return not config.should_save or logged or bool(complete_checkpoints(run))
+
+    return removed_on_error(config.output_dir, produced)
 
 
 def lora_config(config: Any) -> Any:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from trl import SFTConfig, SFTTrainer
 
-from dynamics.data import Encoded, collate, context_length, encode_record, read_records
+from dynamics.data import Encoded, collate, context_length, encode_record, naming_records, read_records
 from dynamics.errors import DynamicsError
 from dynamics.train.run import (
     RunOptions,
@@ -50,22 +50,16 @@ class SFTRunConfig(RunOptions, SFTConfig):
         super().__post_init__()
 
 
-def sft_dataset(processing_class: Any, records: Sequence[dict], max_length: int | None = None,
-                file: str | None = None) -> Any:
-    """Pre-tokenized rows ``id, input_ids, completion_mask`` (+ ``pixel_values, image_grid_thw``); errors name
-    ``file`` and the record's line in it."""
+def sft_dataset(processing_class: Any, records: Sequence[dict], max_length: int | None = None) -> Any:
+    """Pre-tokenized rows ``id, input_ids, completion_mask`` (+ ``pixel_values, image_grid_thw``); an error names
+    the record (:func:`dynamics.data.naming_records` adds its file and line)."""
     from datasets import Dataset
 
     rows = []
-    for line, rec in enumerate(records, start=1):
+    for rec in records:
         if not rec.get("completion"):
-            raise DynamicsError("SFT needs a completion in every record", file=file, line=line if file else None,
-                                field=f"completion (record {rec['id']})")
-        try:
-            enc = encode_record(processing_class, rec, max_length)
-        except DynamicsError as e:
-            raise DynamicsError(e.message, file=e.file or file, line=e.line or (line if file else None),
-                                field=e.field) from None
+            raise DynamicsError("SFT needs a completion in every record", field=f"completion (record {rec['id']})")
+        enc = encode_record(processing_class, rec, max_length)
         row = {"id": rec["id"], "input_ids": enc.input_ids, "completion_mask": enc.completion_mask}
         if enc.pixel_values is not None:
             row["pixel_values"] = enc.pixel_values.tolist()
@@ -105,17 +99,16 @@ def build_sft_trainer(config: SFTRunConfig, records: Sequence[dict] | None = Non
         if not config.data:
             raise DynamicsError("no training data: give --data FILE", field="data")
         records = read_records(config.data)
-    with setup_guard(config):
-        lm, info, resume_from = start_run(config, "sft", records)
-        dataset = sft_dataset(lm.processing_class, records, context_length(lm.model), config.data)
-        trainer = DynamicsSFTTrainer(model=lm.model, args=config, train_dataset=dataset,
-                                     processing_class=lm.tokenizer,
-                                     data_collator=CompletionCollator(lm.tokenizer.pad_token_id),
-                                     callbacks=run_callbacks(config, lm, callbacks),
-                                     peft_config=lora_config(config) if config.lora_r else None)
-        trainer.run_processing_class = lm.processing_class
-        trainer.run_info = info
-        attach_monitor(trainer, config, lm, records)  # reads its probes file
+    lm, info, resume_from = start_run(config, "sft", records)
+    with naming_records(config.data):
+        dataset = sft_dataset(lm.processing_class, records, context_length(lm.model))
+    trainer = DynamicsSFTTrainer(model=lm.model, args=config, train_dataset=dataset, processing_class=lm.tokenizer,
+                                 data_collator=CompletionCollator(lm.tokenizer.pad_token_id),
+                                 callbacks=run_callbacks(config, lm, callbacks),
+                                 peft_config=lora_config(config) if config.lora_r else None)
+    trainer.run_processing_class = lm.processing_class
+    trainer.run_info = info
+    attach_monitor(trainer, config, lm, records)  # reads its probes file
     return trainer, resume_from
 
 
@@ -125,5 +118,6 @@ def train_sft(config: SFTRunConfig, records: Sequence[dict] | None = None,
 
     ``callbacks`` are extra ``TrainerCallback``s (e.g. a live monitor).
     """
-    trainer, resume_from = build_sft_trainer(config, records, callbacks)
-    return run_trainer(trainer, config, resume_from, trainer.run_info)
+    with setup_guard(config):
+        trainer, resume_from = build_sft_trainer(config, records, callbacks)
+        return run_trainer(trainer, config, resume_from, trainer.run_info)
