@@ -1161,9 +1161,9 @@ def report(path: str | os.PathLike) -> object:
     for ckpt, s in summary.items():
         table.add_row(ckpt, str(s["step"]), f"{s['mean_abs_kernel']:.4g}", f"{s['mean_cosine']:+.4f}",
                       f"{s['mean_train_norm']:.4g}")
-    last = list(summary.values())[-1]
-    for label in ("harmful", "helpful"):
-        t = Table(title=f"most {label} training samples (mean kernel over probes, last checkpoint)")
+    last_ckpt, last = list(summary.items())[-1]
+    for label, title in (("harmful", "lowest mean K: harmful if < 0"), ("helpful", "highest mean K: helpful if > 0")):
+        t = Table(title=title, caption=f"at {last_ckpt}")
         t.add_column("train_id")
         t.add_column("mean K", justify="right")
         t.add_column("mean cosine", justify="right")
