@@ -1019,11 +1019,12 @@ def compute_shards(job: InfluenceRun, rank: int = 0, world: int = 1,
         timings["load"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         block = blocks[s.block]
-        with naming_records(job.train, job.probes):
-            if side is None:  # the probe pass(es) of this checkpoint, shared by all its blocks
-                bars = None if progress_factory is None else \
-                    lambda what, total, name=s.ckpt.name: progress_factory(f"{name} {what}", total)
+        if side is None:  # the probe pass(es) of this checkpoint, shared by all its blocks
+            bars = None if progress_factory is None else \
+                lambda what, total, name=s.ckpt.name: progress_factory(f"{name} {what}", total)
+            with naming_records(job.probes):  # it encodes the probes; the training samples are encoded below
                 side = Probes(lm, probes, job.config, train, bars)
+        with naming_records(job.train):
             tick = progress_factory(f"{s.ckpt.name} [{s.block + 1}/{len(blocks)}]", len(block)) \
                 if progress_factory else None
             ft = _train_features(lm, block, job, s.ckpt, tick) if job.config.mode == "projected" else None

@@ -446,6 +446,7 @@ def test_every_command_names_the_line_of_a_record_beyond_the_context(tmp_path, m
     long_record = {**GOOD, "id": "long", "prompt": [{"role": "user", "content": "word " * 5000}]}
     (tmp_path / "long.jsonl").write_text(json.dumps(GOOD) + "\n\n" + json.dumps(long_record) + "\n")
     write_records(tmp_path / "long.parquet", [GOOD, long_record])
+    shared = str(write_records(tmp_path / "shared.jsonl", [{**GOOD, "id": "long"}]))  # the id, with a short prompt
     model = ["--model", "tiny-llama"]
     jobs = [  # (arguments before --out, output, where, what the message says)
         (["select", "--data", "long.jsonl", "--probes", ok, *model, "--budget", "1"], "k.jsonl", "long.jsonl:3", ""),
@@ -453,6 +454,9 @@ def test_every_command_names_the_line_of_a_record_beyond_the_context(tmp_path, m
         (["influence", "--ckpt", "tiny-llama", "--train", "long.jsonl", "--probes", ok], "inf", "long.jsonl:3", ""),
         (["influence", "--ckpt", "tiny-llama", "--train", ok, "--probes", "long.parquet"], "inf", "long.parquet:2",
          ""),
+        # a training and a probe file that share the id: the file whose record does not fit is named
+        (["influence", "--ckpt", "tiny-llama", "--train", shared, "--probes", "long.jsonl"], "inf", "long.jsonl:3", ""),
+        (["influence", "--ckpt", "tiny-llama", "--train", "long.jsonl", "--probes", shared], "inf", "long.jsonl:3", ""),
         (["compare", "--data", ok, "--data", "long.jsonl", *model], "cmp", "long.jsonl:3", ""),
         (["eval", *model, "--no-task", "--probes", "long.jsonl"], "ev", "long.jsonl:3", "the 48 to generate"),
         (["eval", *model, "--task-data", "long.jsonl", "--probes", ok], "ev", "long.jsonl:3", "to generate"),
