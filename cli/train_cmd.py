@@ -32,7 +32,8 @@ EVAL_EVERY = typer.Option(None, "--eval-every", help="Evaluate task accuracy and
                           "and the end) into eval.jsonl.")
 EVAL_TASK = typer.Option(None, "--eval-task", help="Task whose held-out prompts are evaluated.")
 EVAL_TASK_ARGS = typer.Option(None, "--eval-task-args", help="Options of --eval-task, e.g. grid=2x2,form=text.")
-EVAL_DATA = typer.Option(None, "--eval-data", help="Task evaluation records (instead of building --eval-n).")
+EVAL_DATA = typer.Option(None, "--eval-data", help="Task evaluation records (instead of building --eval-n); one "
+                         "without meta.task is scored by --eval-task (default: the training task of train rft).")
 EVAL_N = typer.Option(None, "--eval-n", help="Task prompts built for evaluation (default 50).")
 PROBES = typer.Option(None, "--probes", help="Probe records evaluated during training.")
 MONITOR = typer.Option(None, "--monitor", help="Probe records: forecast their log p change every step from the "

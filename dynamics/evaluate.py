@@ -34,7 +34,8 @@ FORMAT = 1
 @dataclass
 class EvalConfig:
     """What to evaluate on and how. ``task`` / ``task_args`` / ``n_task`` / ``task_seed`` build task records
-    when none are given (``task_data`` reads them from a file instead); ``probes`` is ``text``, ``visual`` or a
+    when none are given (``task_data`` reads them from a file instead, and ``task`` scores those of its records
+    that name no ``meta.task``); ``probes`` is ``text``, ``visual`` or a
     records file (default: the built-in suite for the model's kind)."""
 
     task: str | None = "jigsaw"
@@ -55,12 +56,13 @@ class EvalConfig:
         check_bounds(self, {"max_new_tokens": 1, "probe_max_new_tokens": 1, "batch_size": 1, "logp_batch_size": 1})
 
 
-def _task_rows(lm: LoadedModel, records: Sequence[dict], config: EvalConfig) -> pd.DataFrame:
-    from dynamics.generation import generate
-    from dynamics.probes import completion_logprobs
+def _task_groups(records: Sequence[dict], config: EvalConfig) -> list[tuple[Any, list[int], int]]:
+    """The records grouped by the task that scores them (``meta.task`` / ``meta.task_args``, else
+    ``config.task``): ``(task, indices, generation budget)``."""
     from dynamics.tasks import get_task, task_of_record
 
-    tasks, groups = {}, {}
+    tasks: dict[tuple, Any] = {}
+    groups: dict[tuple, list[int]] = {}
     for i, rec in enumerate(records):
         meta = rec.get("meta") or {}
         key = (meta.get("task"), meta.get("task_args"))
@@ -68,22 +70,27 @@ def _task_rows(lm: LoadedModel, records: Sequence[dict], config: EvalConfig) -> 
             task = task_of_record(rec)
             if task is None:
                 if config.task is None:
-                    raise DynamicsError(f"record {rec['id']} names no task (meta.task) and no --task is given",
-                                        field="meta.task")
+                    raise DynamicsError("the record names no task to score it and none is given "
+                                        "(eval --task, train --eval-task)", field=f"meta.task (record {rec['id']})")
                 task = get_task(config.task, **_args(config))
             tasks[key] = task
         groups.setdefault(key, []).append(i)
+    return [(tasks[key], idx, config.max_new_tokens or tasks[key].max_new_tokens) for key, idx in groups.items()]
+
+
+def _task_rows(lm: LoadedModel, records: Sequence[dict], groups: list[tuple[Any, list[int], int]],
+               config: EvalConfig) -> pd.DataFrame:
+    from dynamics.generation import generate
+    from dynamics.probes import completion_logprobs
+
     responses: list[str] = [""] * len(records)
-    for key, idx in groups.items():
-        budget = config.max_new_tokens or tasks[key].max_new_tokens
+    scores: list[dict] = [{}] * len(records)
+    for task, idx, budget in groups:
         outs = generate(lm, [records[i] for i in idx], max_new_tokens=budget, batch_size=config.batch_size,
                         progress=config.progress)
         for i, out in zip(idx, outs, strict=True):
             responses[i] = out[0]
-    scores = []
-    for i, rec in enumerate(records):
-        meta = rec.get("meta") or {}
-        scores.append(tasks[(meta.get("task"), meta.get("task_args"))].score(responses[i], rec.get("answer", "")))
+            scores[i] = task.score(out[0], records[i].get("answer", ""))
     logp = completion_logprobs(lm, records, batch_size=config.logp_batch_size)
     return pd.DataFrame({
         "item_id": [r["id"] for r in records], "kind": "task",
@@ -110,13 +117,22 @@ def evaluate_model(
 ) -> pd.DataFrame:
     """Rows in the ``eval.parquet`` format for one model: greedy task answers and probe scores."""
     from dynamics.data import naming_records
+    from dynamics.generation import encode_prompts
     from dynamics.probes import score_probes
 
+    # every prompt leaves its generation budget of the context free: checked before anything is generated
+    with naming_records(config.task_data):
+        groups = _task_groups(task_records, config)
+        for _, idx, budget in groups:
+            encode_prompts(lm, [task_records[i] for i in idx], budget)
+    with naming_records(config.probes):
+        encode_prompts(lm, probes, config.probe_max_new_tokens)
     parts = []
-    with naming_records(config.task_data, config.probes):
-        if task_records:
-            parts.append(_task_rows(lm, task_records, config))
-        if probes:
+    if task_records:
+        with naming_records(config.task_data):
+            parts.append(_task_rows(lm, task_records, groups, config))
+    if probes:
+        with naming_records(config.probes):
             df = score_probes(lm, probes, max_new_tokens=config.probe_max_new_tokens, batch_size=config.batch_size,
                               logp_batch_size=config.logp_batch_size, progress=config.progress)
             parts.append(df.drop(columns=["n_tokens"]).rename(columns={"id": "item_id"}).assign(kind="probe"))

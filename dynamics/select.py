@@ -28,7 +28,7 @@ import pandas as pd
 
 from dynamics.analyses.loader import InfluenceSet, per_train_sample
 from dynamics.errors import DynamicsError, check_bounds
-from dynamics.influence import InfluenceConfig, compute
+from dynamics.influence import InfluenceConfig, Probes
 from dynamics.store import atomic_path, check_file, file_hash, input_file
 
 STRATEGIES = ("drop-harmful", "keep-aligned", "simulate-rollouts")
@@ -144,10 +144,13 @@ def select(config: SelectConfig, lm=None) -> tuple[Path, pd.DataFrame]:
     else:
         probes = read_records(config.probes)
         lm = lm or load_model(config.model, dtype=config.influence.dtype, device=config.influence.device)
-        with naming_records(config.data, config.probes):
+        with naming_records(config.data):
             if config.strategy == "simulate-rollouts":
                 records, reasons = _simulate(lm, records, config)
-            scores = per_train_sample(compute(lm, records, probes, config.influence, ckpt=lm.name))
+        with naming_records(config.probes):  # an error while encoding the probes names the probe file
+            side = Probes(lm, probes, config.influence, records)
+        with naming_records(config.data):
+            scores = per_train_sample(side.table(records, lm.name, 0))
     # per sample: mean kernel, mean |kernel| and mean cosine over probes, and its gradient norm
     table = scores.set_index("train_id").loc[
         [r["id"] for r in records], ["mean_kernel", "mean_abs_kernel", "mean_cosine", "train_norm"]]

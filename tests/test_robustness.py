@@ -454,9 +454,15 @@ def test_every_command_names_the_line_of_a_record_beyond_the_context(tmp_path, m
         (["influence", "--ckpt", "tiny-llama", "--train", "long.jsonl", "--probes", ok], "inf", "long.jsonl:3", ""),
         (["influence", "--ckpt", "tiny-llama", "--train", ok, "--probes", "long.parquet"], "inf", "long.parquet:2",
          ""),
-        # a training and a probe file that share the id: the file whose record does not fit is named
+        # a data and a probe file that share the id: the file whose record does not fit is named
         (["influence", "--ckpt", "tiny-llama", "--train", shared, "--probes", "long.jsonl"], "inf", "long.jsonl:3", ""),
         (["influence", "--ckpt", "tiny-llama", "--train", "long.jsonl", "--probes", shared], "inf", "long.jsonl:3", ""),
+        (["select", "--data", shared, "--probes", "long.jsonl", *model, "--budget", "1"], "k.jsonl", "long.jsonl:3",
+         ""),
+        (["select", "--data", "long.jsonl", "--probes", shared, *model, "--budget", "1"], "k.jsonl", "long.jsonl:3",
+         ""),
+        (["eval", *model, "--task-data", shared, "--probes", "long.jsonl"], "ev", "long.jsonl:3", "the 48 to generate"),
+        (["eval", *model, "--task-data", "long.jsonl", "--probes", shared], "ev", "long.jsonl:3", "to generate"),
         (["compare", "--data", ok, "--data", "long.jsonl", *model], "cmp", "long.jsonl:3", ""),
         (["eval", *model, "--no-task", "--probes", "long.jsonl"], "ev", "long.jsonl:3", "the 48 to generate"),
         (["eval", *model, "--task-data", "long.jsonl", "--probes", ok], "ev", "long.jsonl:3", "to generate"),
@@ -473,6 +479,17 @@ def test_every_command_names_the_line_of_a_record_beyond_the_context(tmp_path, m
         code, err = main_in_process(*args, "--out", out)
         assert_clean_error(code, err, where, "exceed the model's context", tmp_path / out)
         assert "field 'prompt (record long)'" in err and what in err, err
+
+
+def test_a_task_record_with_no_task_to_score_it_is_named(tmp_path, main_in_process, monkeypatch):
+    """Evaluation records without meta.task are scored by the task the command names; in training, where no
+    task is named (SFT without --eval-task), the step-0 evaluation names the record's file and line."""
+    monkeypatch.chdir(tmp_path)
+    data = str(write_records(tmp_path / "ok.jsonl", [GOOD, {**GOOD, "id": "b"}]))
+    code, err = main_in_process("train", "sft", "--model", "tiny-llama", "--data", data, "--eval-data", data,
+                                "--eval-every", "1", "--out", "run")
+    assert_clean_error(code, err, "ok.jsonl:1", "names no task", tmp_path / "run")
+    assert "field 'meta.task (record a)'" in err and "--eval-task" in err, err
 
 
 def test_cli_rejects_a_corrupt_checkpoint(tmp_path, main_in_process, monkeypatch):

@@ -176,6 +176,26 @@ def test_in_run_eval_starts_at_the_base_and_matches_offline_eval(tmp_path):
     assert offline == pytest.approx({k: v for k, v in rows[-1].items() if k != "step"}, rel=1e-4)
 
 
+def test_evaluation_records_without_their_task_are_scored_by_the_eval_task(tmp_path):
+    """--eval-data records that do not name their task (meta.task) are scored by eval_task: the same rows as
+    scoring the records that name it."""
+    import pandas as pd
+
+    from dynamics.evaluate import EvalConfig, evaluate_model
+    from dynamics.tasks import get_task
+
+    named = get_task("jigsaw").build(3, 5)
+    bare = write_records(tmp_path / "bare.jsonl", [{**r, "meta": {}} for r in named])
+    res = train_sft(sft_config(tmp_path, max_steps=1, eval_every=1, eval_task="jigsaw", eval_data=str(bare)),
+                    get_task("jigsaw").build(8, 0))
+    rows = pd.read_parquet(res.run / "eval.parquet").query("kind == 'task' and step == 1").reset_index(drop=True)
+    offline = evaluate_model(load_model(res.run / "checkpoint-1"), named, [], EvalConfig(task=None, progress=False),
+                             step=1)
+    assert list(rows["item_id"]) == [r["id"] for r in named]
+    cols = ["response", "reward", "hit", "format", "correct", "logp_sum"]
+    pd.testing.assert_frame_equal(rows[cols], offline[cols], check_dtype=False)
+
+
 def test_runs_from_one_base_share_the_step0_evaluation(tmp_path):
     """eval_base_from copies the base evaluation of a run with the same model and evaluation inputs (and only
     then): its step-0 rows equal a fresh evaluation's."""

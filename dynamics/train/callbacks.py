@@ -237,7 +237,8 @@ def eval_callback(config: Any, lm: LoadedModel, run_dir: str | Path, task: str |
                   task_args: str = "") -> EvalCallback | None:
     """The in-run evaluation a run config asks for (``eval_every`` > 0), or None.
 
-    Inputs are made by :func:`dynamics.evaluate.load_inputs`: task prompts from ``eval_data`` or built by
+    Inputs are made by :func:`dynamics.evaluate.load_inputs`: task prompts from ``eval_data`` (a record without
+    ``meta.task`` is scored by the task below) or built by
     ``eval_task`` (default: the training task, with its ``task_args``) with ``eval_n`` prompts and
     ``eval_seed``; probes from ``probes`` (a records file or a built-in suite; default: the suite for the
     model's kind). Images are drawn into the run folder. Only the main process builds and evaluates them.
@@ -248,7 +249,7 @@ def eval_callback(config: Any, lm: LoadedModel, run_dir: str | Path, task: str |
 
     name = config.eval_task or task
     args = config.eval_task_args if config.eval_task else (config.eval_task_args or task_args)
-    ec = EvalConfig(task=None if config.eval_data else name, task_args=args or "", task_data=config.eval_data,
+    ec = EvalConfig(task=name, task_args=args or "", task_data=config.eval_data,  # scores records without meta.task
                     n_task=config.eval_n, task_seed=config.eval_seed, probes=config.probes,
                     batch_size=config.eval_batch_size, probe_max_new_tokens=config.eval_probe_tokens, progress=False)
     task_records, probes = load_inputs(ec, run_dir, kind=lm.kind) if config.should_save else ([], [])
