@@ -57,26 +57,28 @@ def analyse(study: Study) -> Finding:
 
 def cosine_histogram(study: Study, bins: int = 40) -> pd.DataFrame:
     """Histogram of every (training sample, probe) pair's cosine, per source and checkpoint step, on ``bins``
-    bins shared by all (``np.histogram``'s over the cosines' range): columns ``label, step, lo, hi, count,
-    density``. Two passes over each table, one for the range, one for the counts, so no table is held whole."""
+    bins per step, shared by the sources at that step (``np.histogram``'s over their cosines' range): columns
+    ``label, step, lo, hi, count, density``. Two passes over each table, one for the ranges, one for the counts,
+    so no table is held whole."""
     cols = ("step", "cosine")
     ranges = [inf.reduce(lambda t: t.groupby("step")["cosine"].agg(["min", "max"]), {"min": "min", "max": "max"},
                          cols) for inf in study.influence.values()]
-    lo, hi = min(r["min"].min() for r in ranges), max(r["max"].max() for r in ranges)
-    if not np.isfinite([lo, hi]).all():  # no finite cosine anywhere (every gradient zero)
-        return pd.DataFrame(columns=["label", "step", "lo", "hi", "count", "density"])
-    edges = np.histogram_bin_edges([lo, hi], bins)
+    span = pd.concat(ranges).groupby(level=0).agg({"min": "min", "max": "max"})
+    # a step with no finite cosine (every gradient zero) gets the cosine's whole range, and no count
+    edges = {step: np.histogram_bin_edges([lo, hi] if np.isfinite([lo, hi]).all() else [-1.0, 1.0], bins)
+             for step, lo, hi in span.itertuples()}
 
     def counts(t: pd.DataFrame) -> pd.DataFrame:
-        return pd.concat({step: pd.DataFrame({"count": np.histogram(g.dropna(), edges)[0]})
+        return pd.concat({step: pd.DataFrame({"count": np.histogram(g.dropna(), edges[step])[0]})
                           for step, g in t.groupby("step")["cosine"]}, names=["step", "bin"])
 
     frames = []
     for label, inf in study.influence.items():
         h = inf.reduce(counts, columns=cols).reset_index()
-        width = np.diff(edges)[h["bin"]]
-        frames.append(h.assign(label=label, lo=edges[h["bin"]], hi=edges[h["bin"] + 1],
-                               density=h["count"] / (h.groupby("step")["count"].transform("sum") * width)))
+        lo = np.array([edges[s][b] for s, b in zip(h["step"], h["bin"], strict=True)])
+        hi = np.array([edges[s][b + 1] for s, b in zip(h["step"], h["bin"], strict=True)])
+        frames.append(h.assign(label=label, lo=lo, hi=hi,
+                               density=h["count"] / (h.groupby("step")["count"].transform("sum") * (hi - lo))))
     return pd.concat(frames, ignore_index=True)[["label", "step", "lo", "hi", "count", "density"]]
 
 
@@ -88,7 +90,7 @@ def plot(at: pd.DataFrame, hist: pd.DataFrame, means: pd.DataFrame, where: str) 
     for lab in labels:
         h = hist[hist["label"] == lab].sort_values("lo")
         filled = np.flatnonzero(h["count"].to_numpy())
-        h = h.iloc[filled.min():filled.max() + 1] if len(filled) else h.iloc[:0]  # bins shared with other steps
+        h = h.iloc[filled.min():filled.max() + 1] if len(filled) else h.iloc[:0]  # bins shared with other sources
         if len(h):
             ax.stairs(h["density"], np.append(h["lo"], h["hi"].iloc[-1]), color=pal[lab],
                       linestyle=sty[lab].linestyle, linewidth=1.6, label=style.display(lab))

@@ -325,13 +325,25 @@ def test_influence_direction_by_hand(two_sources):
     assert aligned.estimate == pytest.approx(cos_rft.mean() - cos_sft.mean())
     assert aligned.ci[0] > 0 and aligned.verdict == "held"
     assert f.claim("rft_fewer_conflicts").estimate == pytest.approx((cos_rft < 0).mean() - (cos_sft < 0).mean())
-    hist = f.tables["histogram"]  # sft at steps 0 and 20, rft at 0; bins shared by all
-    edges = np.histogram_bin_edges(np.concatenate([cos_sft, cos_rft]), 40)
-    for label, step, cos in (("sft", 0, cos_sft), ("sft", 20, cos_sft), ("rft", 0, cos_rft)):
+    hist = f.tables["histogram"]  # sft at steps 0 and 20, rft at 0; bins shared by the sources at each step
+    shared, alone = (np.histogram_bin_edges(c, 40) for c in (np.concatenate([cos_sft, cos_rft]), cos_sft))
+    for label, step, cos, edges in (("sft", 0, cos_sft, shared), ("sft", 20, cos_sft, alone),
+                                    ("rft", 0, cos_rft, shared)):
         h = hist[(hist["label"] == label) & (hist["step"] == step)].sort_values("lo")
         assert h["count"].tolist() == np.histogram(cos, edges)[0].tolist()
         np.testing.assert_allclose(h["lo"], edges[:-1])
         assert (h["density"] * (h["hi"] - h["lo"])).sum() == pytest.approx(1.0)
+
+
+def test_cosine_histogram_of_a_checkpoint_without_gradients(tmp_path, probes, batches):
+    """A checkpoint whose gradients are all zero (every cosine NaN) gets empty bins; the others keep theirs."""
+    sft = jsonl(tmp_path / "data" / "sft.jsonl", [record(i, "g") for i in range(2)])
+    cos = [[-0.2, 0.1, 0.3, 0.0], [0.4, -0.1, 0.2, 0.1]]
+    influence_dir(tmp_path, "sft", influence_rows([1.0, 2.0], cos, [1.0] * 4, prefix="g")
+                  + influence_rows([0.0, 0.0], [[float("nan")] * 4] * 2, [1.0] * 4, step=5, prefix="g"), sft, probes)
+    hist = influence_direction.analyse(Study.discover(tmp_path)).tables["histogram"]
+    assert hist[hist["step"] == 0]["count"].tolist() == np.histogram(cos, 40)[0].tolist()
+    assert len(hist[hist["step"] == 5]) == 40 and hist[hist["step"] == 5]["count"].sum() == 0
 
 
 # ------------------------------------------------------------------------------------- 4. base alignment
