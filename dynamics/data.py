@@ -356,7 +356,11 @@ def encode(
             prompt_ids + tok(text_of(completion), add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
     if max_length is not None and len(full_ids) + new_tokens > max_length:
         also = f" and the {new_tokens} to generate" if new_tokens else ""
-        raise DynamicsError(f"{len(full_ids)} tokens{also} exceed the model's context of {max_length}", field="prompt")
+        if len(prompt_ids) + new_tokens > max_length:
+            raise DynamicsError(f"{len(full_ids)} tokens{also} exceed the model's context of {max_length}",
+                                field="prompt")
+        raise DynamicsError(f"{len(full_ids)} tokens ({len(prompt_ids)} of them the prompt's) exceed the model's "
+                            f"context of {max_length}", field="completion")
     mask = [0] * len(prompt_ids) + [1] * (len(full_ids) - len(prompt_ids))
     return Encoded(list(full_ids), mask, pixel_values, grid)
 

@@ -481,6 +481,18 @@ def test_every_command_names_the_line_of_a_record_beyond_the_context(tmp_path, m
         assert "field 'prompt (record long)'" in err and what in err, err
 
 
+def test_a_completion_beyond_the_context_is_named_as_the_completion(tmp_path, main_in_process, monkeypatch):
+    """When the prompt fits and its completion does not, the error names the completion, not the prompt."""
+    monkeypatch.chdir(tmp_path)
+    ok = str(write_records(tmp_path / "ok.jsonl", [GOOD, {**GOOD, "id": "b"}]))
+    write_records(tmp_path / "longc.jsonl", [GOOD, {**GOOD, "id": "c", "completion": "word " * 5000}])
+    for args in (["train", "sft", "--model", "tiny-llama", "--data", "longc.jsonl"],
+                 ["influence", "--ckpt", "tiny-llama", "--train", ok, "--probes", "longc.jsonl"]):
+        code, err = main_in_process(*args, "--out", "out")
+        assert_clean_error(code, err, "longc.jsonl:2", "of them the prompt's) exceed the model's context", tmp_path / "out")
+        assert "field 'completion (record c)'" in err, err
+
+
 def test_a_task_record_with_no_task_to_score_it_is_named(tmp_path, main_in_process, monkeypatch):
     """Evaluation records without meta.task are scored by the task the command names; in training, where no
     task is named (SFT without --eval-task), the step-0 evaluation names the record's file and line."""
