@@ -35,8 +35,8 @@ FORMAT = 1
 class EvalConfig:
     """What to evaluate on and how. ``task`` / ``task_args`` / ``n_task`` / ``task_seed`` build task records
     when none are given (``task_data`` reads them from a file instead, and ``task`` scores those of its records
-    that name no ``meta.task``); ``probes`` is ``text``, ``visual`` or a
-    records file (default: the built-in suite for the model's kind)."""
+    that name no ``meta.task``); ``probes`` is ``text``, ``visual`` or a records file (default: the built-in
+    suite for the model's kind)."""
 
     task: str | None = "jigsaw"
     task_args: str = ""

@@ -238,10 +238,10 @@ def eval_callback(config: Any, lm: LoadedModel, run_dir: str | Path, task: str |
     """The in-run evaluation a run config asks for (``eval_every`` > 0), or None.
 
     Inputs are made by :func:`dynamics.evaluate.load_inputs`: task prompts from ``eval_data`` (a record without
-    ``meta.task`` is scored by the task below) or built by
-    ``eval_task`` (default: the training task, with its ``task_args``) with ``eval_n`` prompts and
-    ``eval_seed``; probes from ``probes`` (a records file or a built-in suite; default: the suite for the
-    model's kind). Images are drawn into the run folder. Only the main process builds and evaluates them.
+    ``meta.task`` is scored by the task below) or built by ``eval_task`` (default: the training task, with its
+    ``task_args``) with ``eval_n`` prompts and ``eval_seed``; probes from ``probes`` (a records file or a
+    built-in suite; default: the suite for the model's kind). Images are drawn into the run folder. Only the
+    main process builds and evaluates them.
     """
     if config.eval_every <= 0:
         return None
