@@ -182,12 +182,14 @@ def test_evaluation_records_without_their_task_are_scored_by_the_eval_task(tmp_p
     import pandas as pd
 
     from dynamics.evaluate import EvalConfig, evaluate_model
+    from dynamics.probes import text_suite
     from dynamics.tasks import get_task
 
     named = get_task("jigsaw").build(3, 5)
     bare = write_records(tmp_path / "bare.jsonl", [{**r, "meta": {}} for r in named])
-    res = train_sft(sft_config(tmp_path, max_steps=1, eval_every=1, eval_task="jigsaw", eval_data=str(bare)),
-                    get_task("jigsaw").build(8, 0))
+    probes = write_records(tmp_path / "probes.jsonl", text_suite()[:2])
+    res = train_sft(sft_config(tmp_path, max_steps=1, eval_every=1, eval_task="jigsaw", eval_data=str(bare),
+                               probes=str(probes)), get_task("jigsaw").build(8, 0))
     rows = pd.read_parquet(res.run / "eval.parquet").query("kind == 'task' and step == 1").reset_index(drop=True)
     offline = evaluate_model(load_model(res.run / "checkpoint-1"), named, [], EvalConfig(task=None, progress=False),
                              step=1)
