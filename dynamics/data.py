@@ -114,6 +114,11 @@ def validate_record(
             names = " or ".join(t.__name__ for t in types)
             raise DynamicsError(f"expected {names}, got {type(rec[field]).__name__}", file=file, line=line,
                                 field=field)
+    for key in ("task", "task_args"):  # what evaluation rebuilds a record's task from (tasks.task_of_record)
+        value = (rec.get("meta") or {}).get(key)
+        if value is not None and not isinstance(value, str):
+            raise DynamicsError(f"expected str, got {type(value).__name__}", file=file, line=line,
+                                field=f"meta.{key}")
     if rec.get("images") is not None:
         base = Path(file).parent if file != "<records>" else Path.cwd()
         images = []

@@ -504,6 +504,21 @@ def test_a_task_record_with_no_task_to_score_it_is_named(tmp_path, main_in_proce
     assert "field 'meta.task (record a)'" in err and "--eval-task" in err, err
 
 
+def test_eval_names_a_record_whose_task_cannot_be_rebuilt(tmp_path, main_in_process, monkeypatch):
+    """A task record's meta.task / meta.task_args that name no task, or a bad one, are named by file and line."""
+    monkeypatch.chdir(tmp_path)
+    cases = [({"task": "nope"}, "meta.task (record b)", "unknown task 'nope'"),
+             ({"task": "jigsaw", "task_args": "grid=9x"}, "meta.task_args (record b)", "grid must look like"),
+             ({"task": "jigsaw", "task_args": "foo=1"}, "meta.task_args (record b)", "unknown jigsaw argument"),
+             ({"task": "jigsaw", "task_args": {"grid": "2x2"}}, "meta.task_args", "expected str, got dict"),
+             ({"task": 3}, "meta.task", "expected str, got int")]
+    for i, (meta, field, must) in enumerate(cases):
+        data = write_records(tmp_path / f"t{i}.jsonl", [GOOD, {**GOOD, "id": "b", "meta": meta}])
+        code, err = main_in_process("eval", "--model", "tiny-llama", "--task-data", str(data), "--out", "ev")
+        assert_clean_error(code, err, f"t{i}.jsonl:2", must, tmp_path / "ev")
+        assert f"field '{field}'" in err, err
+
+
 def test_cli_rejects_a_corrupt_checkpoint(tmp_path, main_in_process, monkeypatch):
     from dynamics.models import load_model
 

@@ -83,8 +83,13 @@ def get_task(name: str, **task_args: Any) -> Task:
 
 
 def task_of_record(record: dict) -> Task | None:
-    """The task that built ``record`` (from ``meta.task`` and ``meta.task_args``), or None for other records."""
+    """The task that built ``record`` (from ``meta.task`` and ``meta.task_args``), or None for other records.
+    An unknown task or a bad argument is an error about the record's field (``meta.task (record ID)``)."""
     meta = record.get("meta") or {}
     if "task" not in meta:
         return None
-    return get_task(meta["task"], **parse_task_args(meta.get("task_args", "")))
+    try:
+        return get_task(meta["task"], **parse_task_args(meta.get("task_args") or ""))
+    except DynamicsError as e:
+        where = "meta.task" if e.field == "task" else "meta.task_args"
+        raise DynamicsError(e.message, field=f"{where} (record {record['id']})") from None
