@@ -86,7 +86,7 @@ def task_of_record(record: dict) -> Task | None:
     """The task that built ``record`` (from ``meta.task`` and ``meta.task_args``), or None for other records.
     An unknown task or a bad argument is an error about the record's field (``meta.task (record ID)``)."""
     meta = record.get("meta") or {}
-    if "task" not in meta:
+    if meta.get("task") is None:
         return None
     try:
         return get_task(meta["task"], **parse_task_args(meta.get("task_args") or ""))
