@@ -514,8 +514,8 @@ def test_eval_names_a_record_whose_task_cannot_be_rebuilt(tmp_path, main_in_proc
              ({"task": 3}, "meta.task", "expected str, got int")]
     for i, (meta, field, must) in enumerate(cases):
         data = write_records(tmp_path / f"t{i}.jsonl", [GOOD, {**GOOD, "id": "b", "meta": meta}])
-        code, err = main_in_process("eval", "--model", "tiny-llama", "--task-data", str(data), "--probes", str(data),
-                                "--out", "ev")
+        code, err = main_in_process("eval", "--model", "tiny-llama", "--task-data", str(data), "--probes",
+                                    str(data), "--out", "ev")
         assert_clean_error(code, err, f"t{i}.jsonl:2", must, tmp_path / "ev")
         assert f"field '{field}'" in err, err
     # a null task is no task, as a missing one: both are scored by --task, whichever comes first
