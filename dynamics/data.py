@@ -290,6 +290,12 @@ class Encoded:
     def prompt_len(self) -> int:
         return len(self.input_ids) - sum(self.completion_mask)
 
+    def prompt(self) -> Encoded:
+        """The generation prompt alone: the tokens before the completion (:func:`encode` checks that the chat
+        template renders the prompt alone as this prefix), with the same image tensors."""
+        n = self.prompt_len
+        return Encoded(self.input_ids[:n], [0] * n, self.pixel_values, self.image_grid_thw)
+
     def content_only(self, special_ids: set[int]) -> Encoded:
         """The same sample with the completion cut at its first special token (the chat template's
         end-of-turn and what follows), so only the answer's own tokens count."""
@@ -319,8 +325,9 @@ def encode(
     """Tokenize prompt (+ completion) by the project's convention; see the module docstring.
 
     ``processing_class`` is a tokenizer or a :class:`dynamics.models.VLProcessor`; ``images`` are paths or
-    PIL images. With ``completion=None`` the result is the generation prompt alone. The tokens, and the
-    ``new_tokens`` a generation may add to them, must fit in ``max_length`` (the model's context).
+    PIL images. With ``completion=None`` the result is the generation prompt alone. The prompt with the
+    ``new_tokens`` a generation may add after it, and the prompt with its completion, must each fit in
+    ``max_length`` (the model's context).
     """
     prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     if isinstance(completion, str):
@@ -359,11 +366,10 @@ def encode(
         prompt_ids = tok(text_of(prompt))["input_ids"]
         full_ids = prompt_ids if completion is None else (
             prompt_ids + tok(text_of(completion), add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
-    if max_length is not None and len(full_ids) + new_tokens > max_length:
-        also = f" and the {new_tokens} to generate" if new_tokens else ""
-        if len(prompt_ids) + new_tokens > max_length:
-            raise DynamicsError(f"{len(full_ids)} tokens{also} exceed the model's context of {max_length}",
-                                field="prompt")
+    if max_length is not None and len(prompt_ids) + new_tokens > max_length:
+        n = f"{len(prompt_ids)} tokens and the {new_tokens} to generate" if new_tokens else f"{len(full_ids)} tokens"
+        raise DynamicsError(f"{n} exceed the model's context of {max_length}", field="prompt")
+    if max_length is not None and len(full_ids) > max_length:
         raise DynamicsError(f"{len(full_ids)} tokens ({len(prompt_ids)} of them the prompt's) exceed the model's "
                             f"context of {max_length}", field="completion")
     mask = [0] * len(prompt_ids) + [1] * (len(full_ids) - len(prompt_ids))
@@ -371,16 +377,18 @@ def encode(
 
 
 def encode_record(processing_class: Any, record: dict, max_length: int | None = None,
-                  completion: list[dict] | str | None = None, new_tokens: int = 0) -> Encoded:
-    """:func:`encode` a record; ``completion`` overrides the record's own (e.g. a probe's base response). An
-    error names the record in its field (``prompt (record ID)``), which :func:`naming_records` turns into the
-    record's file and line."""
+                  completion: list[dict] | str | None = None, new_tokens: int = 0,
+                  completion_field: str = "completion") -> Encoded:
+    """:func:`encode` a record; ``completion`` overrides the record's own (e.g. a probe's base response, which
+    errors then name by ``completion_field``). An error names the record in its field (``prompt (record ID)``),
+    which :func:`naming_records` turns into the record's file and line."""
     try:
         return encode(processing_class, record["prompt"],
                       completion if completion is not None else record.get("completion"),
                       record.get("images"), max_length, new_tokens)
     except DynamicsError as e:
-        raise DynamicsError(e.message, file=e.file, line=e.line, field=f"{e.field} (record {record['id']})") from None
+        field = completion_field if e.field == "completion" else e.field
+        raise DynamicsError(e.message, file=e.file, line=e.line, field=f"{field} (record {record['id']})") from None
 
 
 def collate(items: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:

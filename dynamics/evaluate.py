@@ -18,13 +18,16 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from dynamics.errors import DynamicsError, check_bounds
 from dynamics.models import LoadedModel
 from dynamics.store import atomic_path, removed_on_error, text_hash, versions, write_json, write_jsonl
+
+if TYPE_CHECKING:
+    from dynamics.data import Encoded
 
 COLUMNS = ["model", "step", "item_id", "kind", "category", "correct", "logp_sum", "logp_mean", "reward", "hit",
            "format", "response", "logp_base_sum", "logp_base_mean"]
@@ -78,8 +81,18 @@ def _task_groups(records: Sequence[dict], config: EvalConfig) -> list[tuple[Any,
     return [(tasks[key], idx, config.max_new_tokens or tasks[key].max_new_tokens) for key, idx in groups.items()]
 
 
+def _encode_tasks(lm: LoadedModel, records: Sequence[dict], groups: list[tuple[Any, list[int], int]]) -> list[Encoded]:
+    """Each record with its completion, its prompt leaving its task's generation budget free."""
+    from dynamics.probes import encode_scored
+
+    by_index: dict[int, Encoded] = {}
+    for _, idx, budget in groups:
+        by_index.update(zip(idx, encode_scored(lm, [records[i] for i in idx], budget), strict=True))
+    return [by_index[i] for i in range(len(records))]
+
+
 def _task_rows(lm: LoadedModel, records: Sequence[dict], groups: list[tuple[Any, list[int], int]],
-               config: EvalConfig) -> pd.DataFrame:
+               encoded: list[Encoded], config: EvalConfig) -> pd.DataFrame:
     from dynamics.generation import generate
     from dynamics.probes import completion_logprobs
 
@@ -87,11 +100,11 @@ def _task_rows(lm: LoadedModel, records: Sequence[dict], groups: list[tuple[Any,
     scores: list[dict] = [{}] * len(records)
     for task, idx, budget in groups:
         outs = generate(lm, [records[i] for i in idx], max_new_tokens=budget, batch_size=config.batch_size,
-                        progress=config.progress)
+                        progress=config.progress, prompts=[encoded[i].prompt() for i in idx])
         for i, out in zip(idx, outs, strict=True):
             responses[i] = out[0]
             scores[i] = task.score(out[0], records[i].get("answer", ""))
-    logp = completion_logprobs(lm, records, batch_size=config.logp_batch_size)
+    logp = completion_logprobs(lm, records, batch_size=config.logp_batch_size, encoded=encoded)
     return pd.DataFrame({
         "item_id": [r["id"] for r in records], "kind": "task",
         "category": [str((r.get("meta") or {}).get("category", "task")) for r in records],
@@ -117,24 +130,22 @@ def evaluate_model(
 ) -> pd.DataFrame:
     """Rows in the ``eval.parquet`` format for one model: greedy task answers and probe scores."""
     from dynamics.data import naming_records
-    from dynamics.generation import encode_prompts
-    from dynamics.probes import score_probes
+    from dynamics.probes import encode_probes, score_probes
 
-    # every prompt leaves its generation budget of the context free: checked before anything is generated
+    # every sequence is encoded, and so checked against the context, before anything is generated
     with naming_records(config.task_data):
         groups = _task_groups(task_records, config)
-        for _, idx, budget in groups:
-            encode_prompts(lm, [task_records[i] for i in idx], budget)
+        task_encoded = _encode_tasks(lm, task_records, groups)
     with naming_records(config.probes):
-        encode_prompts(lm, probes, config.probe_max_new_tokens)
+        probe_inputs = encode_probes(lm, probes, config.probe_max_new_tokens)
     parts = []
     if task_records:
         with naming_records(config.task_data):
-            parts.append(_task_rows(lm, task_records, groups, config))
+            parts.append(_task_rows(lm, task_records, groups, task_encoded, config))
     if probes:
         with naming_records(config.probes):
             df = score_probes(lm, probes, max_new_tokens=config.probe_max_new_tokens, batch_size=config.batch_size,
-                              logp_batch_size=config.logp_batch_size, progress=config.progress)
+                              logp_batch_size=config.logp_batch_size, progress=config.progress, inputs=probe_inputs)
             parts.append(df.drop(columns=["n_tokens"]).rename(columns={"id": "item_id"}).assign(kind="probe"))
     if not parts:
         raise DynamicsError("nothing to evaluate: no task records and no probes", field="task")

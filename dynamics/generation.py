@@ -55,16 +55,19 @@ def generate(
     batch_size: int = 16,
     seed: int = 0,
     progress: bool = True,
+    prompts: Sequence[Encoded] | None = None,
 ) -> list[list[str]]:
     """Completion texts for each record's prompt: ``out[i]`` holds ``num_samples`` strings (1 when greedy).
 
-    ``batch_size`` counts sequences. When sampling several completions of a text prompt, the prompt is run
-    through the model once and its key/value cache repeated for the samples (same result, a fraction of the
-    prefill cost)."""
+    ``prompts``: the records' prompts already encoded and checked to leave ``max_new_tokens`` of the context
+    free (:func:`encode_prompts`, or :meth:`~dynamics.data.Encoded.prompt` of such an encoding); by default
+    they are encoded here. ``batch_size`` counts sequences. When sampling several completions of a text
+    prompt, the prompt is run through the model once and its key/value cache repeated for the samples (same
+    result, a fraction of the prefill cost)."""
     greedy = temperature == 0
     n_samples = 1 if greedy else num_samples
     tok = lm.tokenizer
-    encoded = encode_prompts(lm, records, max_new_tokens)
+    encoded = list(prompts) if prompts is not None else encode_prompts(lm, records, max_new_tokens)
     share = n_samples > 1 and all(e.pixel_values is None and len(e.input_ids) > 1 for e in encoded)
     per_batch = max(1, batch_size // n_samples) if share else batch_size
     # long prompts first so that padding stays small within a batch; every (record, sample) pair is one sequence

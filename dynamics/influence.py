@@ -235,14 +235,14 @@ def encode_all(lm: LoadedModel, records: Sequence[dict], completions: Sequence |
     special = set(lm.tokenizer.all_special_ids)
     out = []
     for i, rec in enumerate(records):
+        field = fields[i] if fields else "completion"
         enc = encode_record(lm.processing_class, rec, max_length=limit,
-                            completion=None if completions is None else completions[i])
+                            completion=None if completions is None else completions[i], completion_field=field)
         if tokens == "content":
             enc = enc.content_only(special)
         if not any(enc.completion_mask):
             why = ("is empty: with tokens=content (the answer's own tokens, not the chat template's end-of-turn) "
                    "nothing is left to score" if tokens == "content" else "has no tokens to score")
-            field = fields[i] if fields else "completion"
             raise DynamicsError(f"the completion {why}", field=f"{field} (record {rec['id']})")
         out.append(enc)
     return out

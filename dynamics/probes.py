@@ -33,7 +33,15 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from dynamics.data import collate, context_length, encode_record, naming_records, read_records, write_records
+from dynamics.data import (
+    Encoded,
+    collate,
+    context_length,
+    encode_record,
+    naming_records,
+    read_records,
+    write_records,
+)
 from dynamics.errors import DynamicsError, check_bounds
 from dynamics.models import LoadedModel
 from dynamics.store import check_file, make_folder, write_image, write_json
@@ -214,21 +222,33 @@ def probe_target(record: dict, target: str = "base") -> list[dict]:
     return [{"role": "assistant", "content": record["meta"]["base_response"]}]
 
 
+def encode_scored(lm: LoadedModel, records: Sequence[dict], new_tokens: int = 0,
+                  completions: Sequence[list[dict] | str] | None = None,
+                  completion_field: str = "completion") -> list[Encoded]:
+    """Each record with its completion (or ``completions[i]``, which errors name by ``completion_field``),
+    checked against the model's context: the prompt leaves ``new_tokens`` of it free to generate in, and the
+    whole sequence fits. Log p scores the whole, generation starts from its
+    :meth:`~dynamics.data.Encoded.prompt`."""
+    limit = context_length(lm.model)
+    return [encode_record(lm.processing_class, rec, limit, None if completions is None else completions[i],
+                          new_tokens, completion_field) for i, rec in enumerate(records)]
+
+
 @torch.no_grad()
 def completion_logprobs(
     lm: LoadedModel,
     records: Sequence[dict],
     completions: Sequence[list[dict] | str] | None = None,
     batch_size: int = 32,
+    encoded: Sequence[Encoded] | None = None,
 ) -> pd.DataFrame:
     """``id, logp_sum, logp_mean, n_tokens`` of each record's completion (or of ``completions[i]``):
     ``logp_sum = sum_{t in completion} log softmax(logits_{t-1})[x_t]`` over the project's tokenization (the
-    output head runs only at completion positions: :func:`dynamics.influence.token_logprobs`)."""
+    output head runs only at completion positions: :func:`dynamics.influence.token_logprobs`). ``encoded``: the
+    records already encoded by :func:`encode_scored`."""
     from dynamics.influence import token_logprobs
 
-    limit = context_length(lm.model)
-    encoded = [encode_record(lm.processing_class, rec, limit, None if completions is None else completions[i])
-               for i, rec in enumerate(records)]
+    encoded = list(encoded) if encoded is not None else encode_scored(lm, records, completions=completions)
     order = sorted(range(len(records)), key=lambda i: -len(encoded[i].input_ids))
     sums = [0.0] * len(records)
     counts = [0] * len(records)
@@ -253,6 +273,23 @@ def completion_logprobs(
 
 
 # ------------------------------------------------------------------------------------------------ scoring
+@dataclass
+class ProbeInputs:
+    """A suite encoded for :func:`score_probes` by :func:`encode_probes`."""
+
+    gold: list[Encoded]  # prompt + gold completion, the prompt leaving the generation budget free
+    base: dict[int, Encoded]  # prompt + stored base response (``meta.base_response``), by probe index
+
+
+def encode_probes(lm: LoadedModel, probes: Sequence[dict], max_new_tokens: int) -> ProbeInputs:
+    """Every sequence :func:`score_probes` runs, encoded and checked against the context before it generates."""
+    gold = encode_scored(lm, probes, max_new_tokens)
+    with_base = [i for i, p in enumerate(probes) if isinstance((p.get("meta") or {}).get("base_response"), str)]
+    base = encode_scored(lm, [probes[i] for i in with_base], completions=[probe_target(probes[i]) for i in with_base],
+                         completion_field="meta.base_response")
+    return ProbeInputs(gold, dict(zip(with_base, base, strict=True)))
+
+
 def score_probes(
     lm: LoadedModel,
     probes: Sequence[dict],
@@ -261,22 +298,25 @@ def score_probes(
     batch_size: int = 64,
     logp_batch_size: int = 32,
     progress: bool = True,
+    inputs: ProbeInputs | None = None,
 ) -> pd.DataFrame:
     """One row per probe: ``id, category, correct, response, logp_sum, logp_mean, n_tokens`` and, for probes
-    with a stored base response, ``logp_base_sum, logp_base_mean`` (NaN elsewhere)."""
+    with a stored base response, ``logp_base_sum, logp_base_mean`` (NaN elsewhere). ``inputs``: the probes
+    already encoded by :func:`encode_probes` with this ``max_new_tokens``."""
     from dynamics.generation import generate
 
+    inputs = inputs if inputs is not None else encode_probes(lm, probes, max_new_tokens)
     responses = [r[0] for r in generate(lm, probes, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                        progress=progress)]
-    df = completion_logprobs(lm, probes, batch_size=logp_batch_size)
+                                        progress=progress, prompts=[e.prompt() for e in inputs.gold])]
+    df = completion_logprobs(lm, probes, batch_size=logp_batch_size, encoded=inputs.gold)
     df.insert(1, "category", [str((p.get("meta") or {}).get("category", "")) for p in probes])
     df.insert(2, "correct", [probe_correct(p, r) for p, r in zip(probes, responses, strict=True)])
     df.insert(3, "response", responses)
-    with_base = [i for i, p in enumerate(probes) if isinstance((p.get("meta") or {}).get("base_response"), str)]
+    with_base = list(inputs.base)
     df["logp_base_sum"] = df["logp_base_mean"] = float("nan")
     if with_base:
-        base = completion_logprobs(lm, [probes[i] for i in with_base],
-                                   [probe_target(probes[i], "base") for i in with_base], batch_size=logp_batch_size)
+        base = completion_logprobs(lm, [probes[i] for i in with_base], batch_size=logp_batch_size,
+                                   encoded=list(inputs.base.values()))
         df.loc[with_base, "logp_base_sum"] = base["logp_sum"].to_numpy()
         df.loc[with_base, "logp_base_mean"] = base["logp_mean"].to_numpy()
     return df

@@ -116,6 +116,35 @@ def test_no_chat_template_appends_eos(tiny_lm):
     assert enc.completion_mask == [0, 0, 1, 1, 1]
 
 
+def test_the_prompt_of_an_encoding_is_the_prompt_encoded_alone(tiny_lm, tiny_vl):
+    """Evaluation encodes a record once with its completion and generates from :meth:`Encoded.prompt`: that
+    prefix equals the generation prompt encoded alone, with a chat template, without one, and with an image."""
+    from PIL import Image
+
+    plain = copy.deepcopy(tiny_lm.tokenizer)
+    plain.chat_template = None
+    image = Image.new("RGB", (56, 56), (200, 30, 30))
+    for pc, images in ((tiny_lm.tokenizer, None), (plain, None), (tiny_vl.processing_class, [image])):
+        full = encode(pc, GOOD["prompt"], "The answer is 4.", images)
+        alone = encode(pc, GOOD["prompt"], None, images)
+        got = full.prompt()
+        assert sum(full.completion_mask) > 1 and got.input_ids == alone.input_ids
+        assert got.completion_mask == [0] * len(alone.input_ids)
+        if images:
+            assert torch.equal(got.pixel_values, alone.pixel_values)
+            assert torch.equal(got.image_grid_thw, alone.image_grid_thw)
+    # the prompt with its budget to generate, and the whole sequence, are each checked against the context
+    n_prompt, n_full = len(alone.input_ids), len(full.input_ids)
+    args = (tiny_vl.processing_class, GOOD["prompt"], "The answer is 4.", [image])
+    assert encode(*args, n_full, n_full - n_prompt).input_ids == full.input_ids
+    with pytest.raises(DynamicsError, match=f"{n_prompt} tokens and the {n_full - n_prompt + 1} to generate") as err:
+        encode(*args, n_full, n_full - n_prompt + 1)
+    assert err.value.field == "prompt"
+    with pytest.raises(DynamicsError, match=f"{n_full} tokens \\({n_prompt} of them the prompt's\\)") as err:
+        encode(*args, n_full - 1, 0)
+    assert err.value.field == "completion"
+
+
 @pytest.mark.parametrize("model_fixture", ["tiny_lm", "default_lm"])
 def test_tokenization_equals_trl_completion_mask(model_fixture, request, tmp_path):
     """Our labels equal those TRL's SFTTrainer builds (its tokenizer pass + its collator) on the same records."""

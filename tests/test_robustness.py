@@ -482,15 +482,33 @@ def test_every_command_names_the_line_of_a_record_beyond_the_context(tmp_path, m
 
 
 def test_a_completion_beyond_the_context_is_named_as_the_completion(tmp_path, main_in_process, monkeypatch):
-    """When the prompt fits and its completion does not, the error names the completion, not the prompt."""
+    """When the prompt fits and its completion does not, the error names the completion (a probe's stored base
+    response by its own field), not the prompt; the commands that generate find it before they generate (their
+    progress bar would be a second line on stderr)."""
     monkeypatch.chdir(tmp_path)
     ok = str(write_records(tmp_path / "ok.jsonl", [GOOD, {**GOOD, "id": "b"}]))
     write_records(tmp_path / "longc.jsonl", [GOOD, {**GOOD, "id": "c", "completion": "word " * 5000}])
-    for args in (["train", "sft", "--model", "tiny-llama", "--data", "longc.jsonl"],
-                 ["influence", "--ckpt", "tiny-llama", "--train", ok, "--probes", "longc.jsonl"]):
-        code, err = main_in_process(*args, "--out", "out")
-        assert_clean_error(code, err, "longc.jsonl:2", "of them the prompt's) exceed the model's context", tmp_path / "out")
-        assert "field 'completion (record c)'" in err, err
+    write_records(tmp_path / "longb.jsonl", [GOOD, {**GOOD, "id": "c", "meta": {"base_response": "word " * 5000}}])
+    model = ["--model", "tiny-llama"]
+    jobs = [  # (arguments before --out, output, file, field)
+        (["train", "sft", *model, "--data", "longc.jsonl"], "run", "longc.jsonl", "completion"),
+        (["influence", "--ckpt", "tiny-llama", "--train", ok, "--probes", "longc.jsonl"], "inf", "longc.jsonl",
+         "completion"),
+        (["influence", "--ckpt", "tiny-llama", "--train", ok, "--probes", "longb.jsonl"], "inf", "longb.jsonl",
+         "meta.base_response"),
+        (["eval", *model, "--no-task", "--probes", "longc.jsonl"], "ev", "longc.jsonl", "completion"),
+        (["eval", *model, "--no-task", "--probes", "longb.jsonl"], "ev", "longb.jsonl", "meta.base_response"),
+        (["eval", *model, "--task", "jigsaw", "--task-data", "longc.jsonl", "--probes", ok], "ev", "longc.jsonl",
+         "completion"),
+        # the probes are checked before the task answers are generated
+        (["eval", *model, "--task", "jigsaw", "--task-data", ok, "--probes", "longb.jsonl"], "ev", "longb.jsonl",
+         "meta.base_response"),
+        (["probes", "build", *model, "--suite", "longc.jsonl"], "p.jsonl", "longc.jsonl", "completion"),
+    ]
+    for args, out, where, field in jobs:
+        code, err = main_in_process(*args, "--out", out)
+        assert_clean_error(code, err, f"{where}:2", "of them the prompt's) exceed the model's context", tmp_path / out)
+        assert f"field '{field} (record c)'" in err, err
 
 
 def test_a_task_record_with_no_task_to_score_it_is_named(tmp_path, main_in_process, monkeypatch):
