@@ -1043,12 +1043,14 @@ def compute_shards(job: InfluenceRun, rank: int = 0, world: int = 1,
 
 def _train_features(lm: LoadedModel, block: list[dict], job: InfluenceRun, ck,
                     tick: Callable[[int], None] | None) -> Tensor:
-    """Projected features of one block's training samples, stored once in the features folder and reused."""
+    """Projected features of one block's training samples, stored once in the features folder and reused by
+    any run whose checkpoint, samples (ids and contents) and feature options are the same."""
     cfg = job.config
     store = Path(job.features_dir) if job.features_dir else Path(job.out) / "features"
     make_folder(store)
-    fkey = text_hash(json.dumps([fingerprint(ck.spec), [r["id"] for r in block], cfg.params, cfg.reduce,
-                                 cfg.projection, cfg.proj_dim, cfg.proj_seed, cfg.dtype, cfg.products]), 12)
+    samples = [[r["id"], r["prompt"], r.get("completion"), r.get("images")] for r in block]
+    fkey = text_hash(json.dumps([fingerprint(ck.spec), samples, cfg.params, cfg.reduce, cfg.tokens, cfg.projection,
+                                 cfg.proj_dim, cfg.proj_seed, cfg.dtype, cfg.products], default=str), 12)
     path = store / f"train-{fkey}.pt"
     if path.exists():
         if tick:

@@ -563,6 +563,32 @@ def test_shards_of_a_checkpoint_share_one_probe_pass(tmp_path, monkeypatch, mode
     assert [encoded[r["id"]] for r in TRAIN] == [1] * len(TRAIN), encoded  # one call: the plan reads the scoring's
 
 
+def test_stored_training_features_are_reused_only_for_the_same_samples_and_options(tmp_path):
+    """``--features``: a run reuses the stored features of a block only if its samples (ids *and* contents) and
+    feature options match; a sample edited under its id, or another ``tokens``, is computed afresh, so every run
+    equals a run without the store."""
+    from dynamics.data import write_records
+
+    edited = [{**TRAIN[0], "completion": [{"role": "assistant", "content": "a different, longer answer"}]},
+              *TRAIN[1:]]
+    probes = str(write_records(tmp_path / "probes.jsonl", PROBES))
+    store = str(tmp_path / "store")
+
+    def table(train, out, features_dir, **options):
+        cfg = InfluenceConfig(target="gold", mode="projected", proj_dim=64, **options)
+        job = influence.InfluenceRun(ckpts=["tiny-llama"], train=str(write_records(tmp_path / f"{out}.jsonl", train)),
+                                     probes=probes, out=str(tmp_path / out), config=cfg, shard_size=2,
+                                     features_dir=features_dir)
+        return pd.read_parquet(influence.run(job)).sort_values(["train_id", "probe_id"], ignore_index=True)
+
+    first = table(TRAIN, "first", store)
+    assert not np.allclose(table(edited, "fresh", None)["train_norm"], first["train_norm"])  # the edit matters
+    pd.testing.assert_frame_equal(table(edited, "edited", store), table(edited, "fresh2", None))
+    pd.testing.assert_frame_equal(table(TRAIN, "content", store, tokens="content"),
+                                  table(TRAIN, "content2", None, tokens="content"))
+    pd.testing.assert_frame_equal(table(TRAIN, "again", store), first)  # (the store still serves the first run)
+
+
 def test_cli_bad_input_is_one_line(tmp_path, cli):
     train = _write(tmp_path / "train.jsonl", TRAIN[:1] + [{"id": "x", "prompt": "p"}])
     probes = _write(tmp_path / "probes.jsonl", PROBES)
