@@ -124,31 +124,15 @@ def prompt_key(record: dict) -> str:
 
 
 def sample_table(cfg: CompareConfig) -> pd.DataFrame:
-    """Per-sample measures of every data set (the model-dependent part of compare)."""
+    """Per-sample measures of every data set (the model-dependent part of compare). Everything that can fail
+    is checked before the model scores any set: the influence folders are read first, then every set is
+    encoded against the model's context (and encoded again, set by set, as it is scored: holding every set's
+    image tensors at once could take gigabytes)."""
     from dynamics.data import naming_records, read_records, text_of
 
     labels = _labels(cfg)
     paths = dict(zip(labels, cfg.data, strict=True))
     records = {label: read_records(path) for label, path in paths.items()}
-    frames = []
-    lm = None
-    if cfg.model is not None:
-        from dynamics.models import load_model
-
-        lm = load_model(cfg.model)
-    for label, recs in records.items():
-        df = pd.DataFrame({"label": label, "id": [r["id"] for r in recs], "prompt_key": [prompt_key(r) for r in recs],
-                           "n_chars": [len(text_of(r["completion"])) for r in recs]})
-        if lm is not None:
-            from dynamics.probes import completion_logprobs
-
-            with naming_records(paths[label]):
-                lp = completion_logprobs(lm, recs, batch_size=cfg.batch_size)
-            lp = lp[["id", "n_tokens", "logp_sum", "logp_mean"]]
-            df = df.merge(lp.astype({"id": str}), on="id", how="left", validate="one_to_one")
-            df["ppl"] = np.exp(-df["logp_mean"])
-        frames.append(df)
-    samples = pd.concat(frames, ignore_index=True)
     data = {label: (Path(p), {r["id"] for r in records[label]}) for label, p in paths.items()}
     influence = {}
     for folder in map(Path, cfg.influence):
@@ -159,6 +143,27 @@ def sample_table(cfg: CompareConfig) -> pd.DataFrame:
         per = inf.per_sample_at(cfg.step)
         influence[label] = per.drop(columns=["ckpt", "n_probes"]).rename(
             columns={"train_id": "id", "step": "influence_step"}).assign(label=label)
+    lm = None
+    if cfg.model is not None:
+        from dynamics.models import load_model
+        from dynamics.probes import completion_logprobs, encode_scored
+
+        lm = load_model(cfg.model)
+        for label, recs in records.items():
+            with naming_records(paths[label]):
+                encode_scored(lm, recs)
+    frames = []
+    for label, recs in records.items():
+        df = pd.DataFrame({"label": label, "id": [r["id"] for r in recs], "prompt_key": [prompt_key(r) for r in recs],
+                           "n_chars": [len(text_of(r["completion"])) for r in recs]})
+        if lm is not None:
+            with naming_records(paths[label]):
+                lp = completion_logprobs(lm, recs, batch_size=cfg.batch_size)
+            lp = lp[["id", "n_tokens", "logp_sum", "logp_mean"]]
+            df = df.merge(lp.astype({"id": str}), on="id", how="left", validate="one_to_one")
+            df["ppl"] = np.exp(-df["logp_mean"])
+        frames.append(df)
+    samples = pd.concat(frames, ignore_index=True)
     if influence:
         joined = pd.concat(influence.values(), ignore_index=True).astype({"id": str})
         samples = samples.merge(joined, on=["label", "id"], how="left", validate="one_to_one")

@@ -1024,6 +1024,10 @@ def compute_shards(job: InfluenceRun, rank: int = 0, world: int = 1,
                 lambda what, total, name=s.ckpt.name: progress_factory(f"{name} {what}", total)
             with naming_records(job.probes):  # it encodes the probes; the training samples are encoded below
                 side = Probes(lm, probes, job.config, train, bars)
+            if job.config.mode == "projected" and len(blocks) > 1:  # (exact mode's store layout encodes them all)
+                with naming_records(job.train):  # every block fits the context before the first is computed
+                    for b in blocks:
+                        encode_train(lm, b, job.config)
         with naming_records(job.train):
             tick = progress_factory(f"{s.ckpt.name} [{s.block + 1}/{len(blocks)}]", len(block)) \
                 if progress_factory else None

@@ -28,7 +28,7 @@ import pandas as pd
 
 from dynamics.analyses.loader import InfluenceSet, per_train_sample
 from dynamics.errors import DynamicsError, check_bounds
-from dynamics.influence import InfluenceConfig, Probes
+from dynamics.influence import InfluenceConfig, Probes, encode_probes
 from dynamics.store import atomic_path, check_file, file_hash, input_file
 
 STRATEGIES = ("drop-harmful", "keep-aligned", "simulate-rollouts")
@@ -144,8 +144,10 @@ def select(config: SelectConfig, lm=None) -> tuple[Path, pd.DataFrame]:
     else:
         probes = read_records(config.probes)
         lm = lm or load_model(config.model, dtype=config.influence.dtype, device=config.influence.device)
-        with naming_records(config.data):
-            if config.strategy == "simulate-rollouts":
+        if config.strategy == "simulate-rollouts":
+            with naming_records(config.probes):  # the probes are checked before any rollout is sampled
+                encode_probes(lm, probes, config.influence)
+            with naming_records(config.data):
                 records, reasons = _simulate(lm, records, config)
         with naming_records(config.probes):  # an error while encoding the probes names the probe file
             side = Probes(lm, probes, config.influence, records)

@@ -125,6 +125,33 @@ def test_bad_input_is_one_line_naming_the_file(tmp_path, cli):
     assert not out.exists()  # nothing half-written
 
 
+def test_what_can_fail_is_checked_before_the_model_scores_a_set(tmp_path, monkeypatch):
+    """A completion beyond the model's context in the last set is named before the first set is scored, and a
+    bad influence folder before the model is loaded (both took the log p of the sets before them)."""
+    import dynamics.models
+    import dynamics.probes
+
+    calls = {"load_model": 0, "completion_logprobs": 0}
+    for module, name in ((dynamics.models, "load_model"), (dynamics.probes, "completion_logprobs")):
+        real = getattr(module, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+    a = jsonl(tmp_path / "a.jsonl", records("a", 4, 2))
+    b = jsonl(tmp_path / "b.jsonl", [*records("b", 2, 2), {**records("c", 1, 5000)[0], "id": "long"}])
+    with pytest.raises(DynamicsError) as err:
+        sample_table(CompareConfig(data=[a, b], out=tmp_path / "o", model="tiny-llama"))
+    assert f"{b}:3" in str(err.value) and "'completion (record long)'" in str(err.value), str(err.value)
+    assert calls == {"load_model": 1, "completion_logprobs": 0}
+    with pytest.raises(DynamicsError, match="no influence.parquet"):
+        sample_table(CompareConfig(data=[a, a], labels=["x", "y"], out=tmp_path / "o", model="tiny-llama",
+                                   influence=[tmp_path]))
+    assert calls == {"load_model": 1, "completion_logprobs": 0}
+
+
 def test_base_model_logprobs_equal_a_direct_forward_pass(tmp_path):
     """With --model, log p of each completion is the sum of the completion tokens' log-probabilities under the
     model (project tokenization), its mean per token, and the perplexity exp(−mean)."""

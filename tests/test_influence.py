@@ -505,8 +505,8 @@ def test_shards_of_a_checkpoint_share_one_probe_pass(tmp_path, monkeypatch, mode
     """`dynamics influence` splits the training set into shards; the probes' gradients (and per-token gradients,
     or projected features) are computed once per checkpoint and every shard is contracted with them. Here 3
     shards, and the tables those of one call on the whole set. Each training sample is encoded once to score it
-    (its table and token table share the encoding), plus once to lay out the store when the first block scored is
-    not the whole set."""
+    (its table and token table share the encoding), plus once before the first block when the set is split: to
+    lay out the store (exact), or to check that every block fits the context (projected)."""
     from collections import Counter
 
     from dynamics.data import write_records
@@ -533,7 +533,7 @@ def test_shards_of_a_checkpoint_share_one_probe_pass(tmp_path, monkeypatch, mode
 
     df = pd.read_parquet(influence.run(job, progress_factory=factory))
     assert len(list((tmp_path / "out" / "shards").glob("*-0000[0-2].parquet"))) == 3
-    assert [encoded[r["id"]] for r in TRAIN] == [2 if mode == "exact" else 1] * len(TRAIN), encoded
+    assert [encoded[r["id"]] for r in TRAIN] == [2] * len(TRAIN), encoded
     # a bar for each shard and for each pass over the probes, each run to its end
     assert bars["tiny-llama probes"] == [len(PROBES)] * 2 and all(t == n for t, n in bars.values())
     assert [bars[f"tiny-llama [{i}/3]"][0] for i in (1, 2, 3)] == [2, 2, 1]

@@ -454,6 +454,9 @@ def test_every_command_names_the_line_of_a_record_beyond_the_context(tmp_path, m
         (["influence", "--ckpt", "tiny-llama", "--train", "long.jsonl", "--probes", ok], "inf", "long.jsonl:3", ""),
         (["influence", "--ckpt", "tiny-llama", "--train", ok, "--probes", "long.parquet"], "inf", "long.parquet:2",
          ""),
+        # projected mode in shards: checked before the first shard is computed
+        (["influence", "--ckpt", "tiny-llama", "--train", "long.jsonl", "--probes", ok, "--mode", "projected",
+          "--shard-size", "1"], "inf", "long.jsonl:3", ""),
         # a data and a probe file that share the id: the file whose record does not fit is named
         (["influence", "--ckpt", "tiny-llama", "--train", shared, "--probes", "long.jsonl"], "inf", "long.jsonl:3", ""),
         (["influence", "--ckpt", "tiny-llama", "--train", "long.jsonl", "--probes", shared], "inf", "long.jsonl:3", ""),
@@ -504,6 +507,8 @@ def test_a_completion_beyond_the_context_is_named_as_the_completion(tmp_path, ma
         (["eval", *model, "--task", "jigsaw", "--task-data", ok, "--probes", "longb.jsonl"], "ev", "longb.jsonl",
          "meta.base_response"),
         (["probes", "build", *model, "--suite", "longc.jsonl"], "p.jsonl", "longc.jsonl", "completion"),
+        (["select", "--strategy", "simulate-rollouts", "--data", ok, "--probes", "longc.jsonl", *model, "--budget",
+          "1"], "k.jsonl", "longc.jsonl", "completion"),  # before the rollouts are sampled
     ]
     for args, out, where, field in jobs:
         code, err = main_in_process(*args, "--out", out)
