@@ -286,11 +286,10 @@ def run_eval(
 
 
 def _inputs_hash(task_records: Sequence[dict], probes: Sequence[dict]) -> str:
-    """A content hash of what is evaluated (ids, prompts, answers, stored responses, image paths)."""
-    keys = ("id", "prompt", "completion", "answer", "images")
-    rows = [[{k: r.get(k) for k in keys}, (r.get("meta") or {}).get("base_response")]
-            for r in [*task_records, *probes]]
-    return text_hash(json.dumps(rows, sort_keys=True, default=str), 16)
+    """A content hash of what is evaluated: every field of every record (ids, prompts, answers, image paths, and
+    ``meta``, which holds what scores a record: its category, a probe's aliases and stored response, a task
+    record's task)."""
+    return text_hash(json.dumps([*task_records, *probes], sort_keys=True, default=str), 16)
 
 
 def summaries(df: pd.DataFrame) -> list[dict[str, Any]]:

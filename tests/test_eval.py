@@ -106,6 +106,13 @@ def test_run_folder_in_step_order_and_resume(tiny_lm, tmp_path, monkeypatch):
     pd.testing.assert_frame_equal(again.sort_values(key, ignore_index=True), fresh)
     assert not fresh[fresh.step == 5]["logp_sum"].reset_index(drop=True).equals(
         df[df.step == 5]["logp_sum"].reset_index(drop=True))
+    # inputs edited in their meta alone (a probe's category; aliases and a record's task score alike) are new
+    # inputs: every checkpoint is evaluated again
+    loads.clear()
+    recat = [{**p, "meta": {**p["meta"], "category": "edited"}} if i == 0 else p for i, p in enumerate(probes)]
+    edited = run_eval(run, tasks, recat, QUIET, tmp_path / "out")
+    assert loads == [str(run / "checkpoint-5"), str(run / "checkpoint-20")]
+    assert set(edited[(edited.kind == "probe") & (edited.item_id == probes[0]["id"])]["category"]) == {"edited"}
 
 
 def test_eval_command_on_the_tiny_vlm(cli, tmp_path):
