@@ -86,6 +86,8 @@ def stored_scores(config: SelectConfig, records: list[dict]) -> pd.DataFrame:
     """:func:`per_train_sample` rows of ``config.from_influence``'s table at the checkpoint of step ``config.step``
     (default the earliest), reduced as the table is read (a table larger than memory is fine), checked to hold
     every training record and, if ``config.probes`` is given, to be of those probes."""
+    from dynamics.data import record_line
+
     path = Path(config.from_influence)
     stored = InfluenceSet(path.name, path.parent if path.suffix == ".parquet" else path)
     if config.probes and stored.manifest.get("probes_sha256") != file_hash(input_file(config.probes)):
@@ -96,13 +98,14 @@ def stored_scores(config: SelectConfig, records: list[dict]) -> pd.DataFrame:
     # the same file, or the same samples under each id (a subset of it, say)
     same = stored.manifest.get("train_sha256") == file_hash(config.data)
     used = {} if same else {r["id"]: r for r in stored.train_records}
-    for line, rec in enumerate(records, start=1):
+    for rec in records:
         if rec["id"] not in have:
-            raise DynamicsError(f"sample {rec['id']!r} has no kernels in {stored.path} at {ckpt}", file=config.data,
-                                line=line, field="id")
-        if not same and any(rec[k] != used.get(rec["id"], {}).get(k) for k in ("prompt", "completion")):
-            raise DynamicsError(f"sample {rec['id']!r} is not the one the table at {stored.path} was computed on",
-                                file=config.data, line=line, field="id")
+            why = f"sample {rec['id']!r} has no kernels in {stored.path} at {ckpt}"
+        elif not same and any(rec[k] != used.get(rec["id"], {}).get(k) for k in ("prompt", "completion")):
+            why = f"sample {rec['id']!r} is not the one the table at {stored.path} was computed on"
+        else:
+            continue
+        raise DynamicsError(why, file=config.data, line=record_line(config.data, rec["id"]), field="id")
     return scores
 
 

@@ -118,10 +118,12 @@ def test_selecting_from_a_stored_influence_table_equals_computing_it(tmp_path, t
         data=str(data), out=str(tmp_path / "k.jsonl"), from_influence=str(tmp_path / "inf")))[1].mean_kernel)
     edited = [dict(r) for r in NEUTRAL]
     edited[1]["completion"] = "A B C"
-    for rows, message in ((edited, r"train2.jsonl:2: field 'id': sample 'jig2' is not the one"),
-                          (NEUTRAL + [{**PROBES[0], "id": "new"}], r"train2.jsonl:5: field 'id': sample 'new' has no")):
+    # (the file's lines: a blank first line counts)
+    for rows, message in ((edited, r"train2.jsonl:3: field 'id': sample 'jig2' is not the one"),
+                          (NEUTRAL + [{**PROBES[0], "id": "new"}], r"train2.jsonl:6: field 'id': sample 'new' has no")):
+        (tmp_path / "train2.jsonl").write_text("\n" + write(tmp_path / "rows.jsonl", rows).read_text())
         with pytest.raises(DynamicsError, match=message):
-            select(SelectConfig(data=str(write(tmp_path / "train2.jsonl", rows)), out=str(tmp_path / "x.jsonl"),
+            select(SelectConfig(data=str(tmp_path / "train2.jsonl"), out=str(tmp_path / "x.jsonl"),
                                 from_influence=str(tmp_path / "inf" / "influence.parquet")))
     with pytest.raises(DynamicsError, match="computed on other probes"):
         select(SelectConfig(data=str(data), probes=str(data), out=str(tmp_path / "x.jsonl"),
