@@ -216,13 +216,14 @@ class Run:
     @cached_property
     def rollouts(self) -> pd.DataFrame:
         """RFT rollouts: ``id, step, reward, advantage, prompt, completion, answer`` (texts as plain strings)."""
-        from dynamics.data import read_records, text_of
+        from dynamics.data import read_records, record_line, text_of
 
         path = self.path / "rollouts.jsonl"
         recs = read_records(path)
-        for i, r in enumerate(recs, start=1):
+        for r in recs:
             if "reward" not in r:
-                raise DynamicsError("a rollout needs a reward", file=path, line=i, field="reward")
+                raise DynamicsError("a rollout needs a reward", file=path, line=record_line(path, r["id"]),
+                                    field="reward")
         return pd.DataFrame({
             "id": [r["id"] for r in recs], "step": [r.get("step") for r in recs],
             "reward": [float(r["reward"]) for r in recs],

@@ -40,6 +40,7 @@ from dynamics.data import (
     encode_record,
     naming_records,
     read_records,
+    record_line,
     write_records,
 )
 from dynamics.errors import DynamicsError, check_bounds
@@ -80,16 +81,20 @@ def visual_suite(image_dir: str | Path, n_per_category: int = 12, seed: int = 0)
     return records
 
 
-def check_probes(records: Sequence[dict], file: str | Path | None = None) -> list[dict]:
-    """Probes need a string ``answer`` and a gold ``completion``; raise naming the record otherwise."""
-    for i, rec in enumerate(records, start=1):
-        if not isinstance(rec.get("answer"), str) or not rec["answer"].strip():
-            raise DynamicsError("a probe needs a non-empty string 'answer'", file=file, line=i, field="answer")
-        if "completion" not in rec:
-            raise DynamicsError("a probe needs a gold completion", file=file, line=i, field="completion")
+def check_probes(records: Sequence[dict], file: str | Path) -> list[dict]:
+    """Probes (read from ``file``) need a string ``answer`` and a gold ``completion``; raise naming the record's
+    line otherwise."""
+    for rec in records:
         aliases = (rec.get("meta") or {}).get("aliases", [])
-        if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
-            raise DynamicsError("aliases must be a list of strings", file=file, line=i, field="meta.aliases")
+        if not isinstance(rec.get("answer"), str) or not rec["answer"].strip():
+            why, field = "a probe needs a non-empty string 'answer'", "answer"
+        elif "completion" not in rec:
+            why, field = "a probe needs a gold completion", "completion"
+        elif not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
+            why, field = "aliases must be a list of strings", "meta.aliases"
+        else:
+            continue
+        raise DynamicsError(why, file=file, line=record_line(file, rec["id"]), field=field)
     return list(records)
 
 

@@ -205,6 +205,13 @@ def test_discovery_labels_seeds_and_bad_inputs(tmp_path, probes):
     with pytest.raises(DynamicsError, match="invalid JSON") as err:
         Study.discover(tmp_path).influence["x"].manifest  # noqa: B018
     assert err.value.file == str(inf / "manifest.json")
+    # a run's rollout without its reward: named by its own line (blank lines count)
+    rollouts = tmp_path / "runs" / "c" / "rft" / "rollouts.jsonl"
+    rollouts.write_text(json.dumps({"prompt": "p", "completion": "c", "reward": 1.0}) + "\n\n"
+                        + json.dumps({"prompt": "p", "completion": "d"}) + "\n")
+    with pytest.raises(DynamicsError, match="needs a reward") as err:
+        Study.discover(tmp_path).runs["runs/c/rft"].rollouts  # noqa: B018
+    assert (err.value.file, err.value.line, err.value.field) == (str(rollouts), 3, "reward")
 
 
 # ------------------------------------------------------------------------------ 1. learning vs forgetting

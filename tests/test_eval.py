@@ -152,7 +152,12 @@ def test_eval_command_on_the_default_model(cli, tmp_path):
 @pytest.mark.parametrize(
     ("content", "message"),
     [('{"prompt": "2+2?", "completion": "4", "answer": "4"}\n{"prompt": "x", "completion": \n', "invalid JSON"),
-     ('{"prompt": "2+2?", "completion": "4"}\n', "answer")],
+     ('{"prompt": "2+2?", "completion": "4"}\n', "answer"),
+     # the file's own line, blank lines counted
+     ('\n{"prompt": "2+2?", "completion": "4", "answer": "4"}\n\n{"prompt": "x", "completion": "y"}\n',
+      "bad.jsonl:4: field 'answer'"),
+     ('{"prompt": "2+2?", "completion": "4", "answer": "4"}\n\n'
+      '{"prompt": "x", "completion": "y", "answer": "y", "meta": {"aliases": [1]}}\n', "bad.jsonl:3: field 'meta.aliases'")],
 )
 def test_bad_probes_file_is_one_line_error(cli, tmp_path, content, message):
     bad = tmp_path / "bad.jsonl"
