@@ -288,7 +288,8 @@ class Encoded:
 
     @property
     def prompt_len(self) -> int:
-        return len(self.input_ids) - sum(self.completion_mask)
+        """The tokens before the first completion token (the whole sequence if it has none)."""
+        return self.completion_mask.index(1) if 1 in self.completion_mask else len(self.input_ids)
 
     def prompt(self) -> Encoded:
         """The generation prompt alone: the tokens before the completion (:func:`encode` checks that the chat

@@ -130,6 +130,10 @@ def test_the_prompt_of_an_encoding_is_the_prompt_encoded_alone(tiny_lm, tiny_vl)
         got = full.prompt()
         assert sum(full.completion_mask) > 1 and got.input_ids == alone.input_ids
         assert got.completion_mask == [0] * len(alone.input_ids)
+        if pc is not plain:  # a chat template's end-of-turn cut from the completion does not move its start
+            content = full.content_only(set(getattr(pc, "tokenizer", pc).all_special_ids))
+            assert 0 < sum(content.completion_mask) < sum(full.completion_mask)
+            assert content.prompt().input_ids == alone.input_ids
         if images:
             assert torch.equal(got.pixel_values, alone.pixel_values)
             assert torch.equal(got.image_grid_thw, alone.image_grid_thw)
