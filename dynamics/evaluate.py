@@ -130,14 +130,14 @@ def evaluate_model(
 ) -> pd.DataFrame:
     """Rows in the ``eval.parquet`` format for one model: greedy task answers and probe scores."""
     from dynamics.data import naming_records
-    from dynamics.probes import encode_probes, score_probes
+    from dynamics.probes import probe_inputs, score_probes
 
     # every sequence is encoded, and so checked against the context, before anything is generated
     with naming_records(config.task_data):
         groups = _task_groups(task_records, config)
         task_encoded = _encode_tasks(lm, task_records, groups)
     with naming_records(config.probes):
-        probe_inputs = encode_probes(lm, probes, config.probe_max_new_tokens)
+        probe_encoded = probe_inputs(lm, probes, config.probe_max_new_tokens)
     parts = []
     if task_records:
         with naming_records(config.task_data):
@@ -145,7 +145,7 @@ def evaluate_model(
     if probes:
         with naming_records(config.probes):
             df = score_probes(lm, probes, max_new_tokens=config.probe_max_new_tokens, batch_size=config.batch_size,
-                              logp_batch_size=config.logp_batch_size, progress=config.progress, inputs=probe_inputs)
+                              logp_batch_size=config.logp_batch_size, progress=config.progress, inputs=probe_encoded)
             parts.append(df.drop(columns=["n_tokens"]).rename(columns={"id": "item_id"}).assign(kind="probe"))
     if not parts:
         raise DynamicsError("nothing to evaluate: no task records and no probes", field="task")

@@ -280,13 +280,13 @@ def completion_logprobs(
 # ------------------------------------------------------------------------------------------------ scoring
 @dataclass
 class ProbeInputs:
-    """A suite encoded for :func:`score_probes` by :func:`encode_probes`."""
+    """A suite encoded for :func:`score_probes` by :func:`probe_inputs`."""
 
     gold: list[Encoded]  # prompt + gold completion, the prompt leaving the generation budget free
     base: dict[int, Encoded]  # prompt + stored base response (``meta.base_response``), by probe index
 
 
-def encode_probes(lm: LoadedModel, probes: Sequence[dict], max_new_tokens: int) -> ProbeInputs:
+def probe_inputs(lm: LoadedModel, probes: Sequence[dict], max_new_tokens: int) -> ProbeInputs:
     """Every sequence :func:`score_probes` runs, encoded and checked against the context before it generates."""
     gold = encode_scored(lm, probes, max_new_tokens)
     with_base = [i for i, p in enumerate(probes) if isinstance((p.get("meta") or {}).get("base_response"), str)]
@@ -307,10 +307,10 @@ def score_probes(
 ) -> pd.DataFrame:
     """One row per probe: ``id, category, correct, response, logp_sum, logp_mean, n_tokens`` and, for probes
     with a stored base response, ``logp_base_sum, logp_base_mean`` (NaN elsewhere). ``inputs``: the probes
-    already encoded by :func:`encode_probes` with this ``max_new_tokens``."""
+    already encoded by :func:`probe_inputs` with this ``max_new_tokens``."""
     from dynamics.generation import generate
 
-    inputs = inputs if inputs is not None else encode_probes(lm, probes, max_new_tokens)
+    inputs = inputs if inputs is not None else probe_inputs(lm, probes, max_new_tokens)
     responses = [r[0] for r in generate(lm, probes, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                         progress=progress, prompts=[e.prompt() for e in inputs.gold])]
     df = completion_logprobs(lm, probes, batch_size=logp_batch_size, encoded=inputs.gold)
