@@ -74,7 +74,9 @@ def influence_ref(tmp_path_factory):
     from dynamics.influence import InfluenceRun, run
 
     tmp = tmp_path_factory.mktemp("influence")
-    train = write_records(tmp / "train.jsonl", records(24))
+    # 24 shards: the run outlasts the signal's delay on a loaded machine (first to last shard about 0.9 s; with 6
+    # shards, 0.2 s, a fresh-clone run under `-n 2` once finished before its SIGINT arrived)
+    train = write_records(tmp / "train.jsonl", records(96))
     probes = write_records(tmp / "probes.jsonl", records(3, "p"))
     ref = run(InfluenceRun(ckpts=["tiny-llama"], train=str(train), probes=str(probes), out=str(tmp / "ref"),
                            shard_size=4))
@@ -91,7 +93,7 @@ def test_influence_resumes_after_a_signal(tmp_path, influence_ref, sig):
     assert done and not (out / "influence.parquet").exists()
     run_ok(*args, "--resume")
     after = files(out / "shards", "*.parquet")
-    assert len(after) == 6 and all(after[p] == t for p, t in done.items())  # finished shards kept as they were
+    assert len(after) == 24 and all(after[p] == t for p, t in done.items())  # finished shards kept as they were
     got = pd.read_parquet(out / "influence.parquet")
     pd.testing.assert_frame_equal(got, ref, check_exact=False, rtol=1e-6)
 
