@@ -145,8 +145,9 @@ def sample_table(cfg: CompareConfig) -> pd.DataFrame:
             columns={"train_id": "id", "step": "influence_step"}).assign(label=label)
     lm = None
     if cfg.model is not None:
+        from dynamics.generation import encode_scored
         from dynamics.models import load_model
-        from dynamics.probes import completion_logprobs, encode_scored
+        from dynamics.probes import completion_logprobs
 
         lm = load_model(cfg.model)
         for label, recs in records.items():

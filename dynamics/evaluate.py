@@ -83,7 +83,7 @@ def _task_groups(records: Sequence[dict], config: EvalConfig) -> list[tuple[Any,
 
 def _encode_tasks(lm: LoadedModel, records: Sequence[dict], groups: list[tuple[Any, list[int], int]]) -> list[Encoded]:
     """Each record with its completion, its prompt leaving its task's generation budget free."""
-    from dynamics.probes import encode_scored
+    from dynamics.generation import encode_scored
 
     by_index: dict[int, Encoded] = {}
     for _, idx, budget in groups:

@@ -19,11 +19,21 @@ from dynamics.data import Encoded, context_length, encode_record
 from dynamics.models import LoadedModel
 
 
-def encode_prompts(lm: LoadedModel, records: Sequence[dict], new_tokens: int) -> list[Encoded]:
-    """Each record's generation prompt, checked to leave ``new_tokens`` of the model's context to generate."""
+def encode_scored(lm: LoadedModel, records: Sequence[dict], new_tokens: int = 0,
+                  completions: Sequence[list[dict] | str] | None = None,
+                  completion_field: str = "completion") -> list[Encoded]:
+    """Each record with its completion (or ``completions[i]``, which errors name by ``completion_field``),
+    checked against the model's context: the prompt leaves ``new_tokens`` of it free to generate in, and the
+    whole sequence fits. Log p scores the whole, generation starts from its
+    :meth:`~dynamics.data.Encoded.prompt`."""
     limit = context_length(lm.model)
-    return [encode_record(lm.processing_class, {**r, "completion": None}, limit, new_tokens=new_tokens)
-            for r in records]
+    return [encode_record(lm.processing_class, rec, limit, None if completions is None else completions[i],
+                          new_tokens, completion_field) for i, rec in enumerate(records)]
+
+
+def encode_prompts(lm: LoadedModel, records: Sequence[dict], new_tokens: int) -> list[Encoded]:
+    """Each record's generation prompt alone, checked to leave ``new_tokens`` of the model's context to generate."""
+    return encode_scored(lm, [{**r, "completion": None} for r in records], new_tokens)
 
 
 def left_pad(items: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:

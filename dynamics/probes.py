@@ -36,14 +36,13 @@ import torch
 from dynamics.data import (
     Encoded,
     collate,
-    context_length,
-    encode_record,
     naming_records,
     read_records,
     record_line,
     write_records,
 )
 from dynamics.errors import DynamicsError, check_bounds
+from dynamics.generation import encode_scored, generate
 from dynamics.models import LoadedModel
 from dynamics.store import check_file, make_folder, write_image, write_json
 
@@ -227,18 +226,6 @@ def probe_target(record: dict, target: str = "base") -> list[dict]:
     return [{"role": "assistant", "content": record["meta"]["base_response"]}]
 
 
-def encode_scored(lm: LoadedModel, records: Sequence[dict], new_tokens: int = 0,
-                  completions: Sequence[list[dict] | str] | None = None,
-                  completion_field: str = "completion") -> list[Encoded]:
-    """Each record with its completion (or ``completions[i]``, which errors name by ``completion_field``),
-    checked against the model's context: the prompt leaves ``new_tokens`` of it free to generate in, and the
-    whole sequence fits. Log p scores the whole, generation starts from its
-    :meth:`~dynamics.data.Encoded.prompt`."""
-    limit = context_length(lm.model)
-    return [encode_record(lm.processing_class, rec, limit, None if completions is None else completions[i],
-                          new_tokens, completion_field) for i, rec in enumerate(records)]
-
-
 @torch.no_grad()
 def completion_logprobs(
     lm: LoadedModel,
@@ -308,8 +295,6 @@ def score_probes(
     """One row per probe: ``id, category, correct, response, logp_sum, logp_mean, n_tokens`` and, for probes
     with a stored base response, ``logp_base_sum, logp_base_mean`` (NaN elsewhere). ``inputs``: the probes
     already encoded by :func:`probe_inputs` with this ``max_new_tokens``."""
-    from dynamics.generation import generate
-
     inputs = inputs if inputs is not None else probe_inputs(lm, probes, max_new_tokens)
     responses = [r[0] for r in generate(lm, probes, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                         progress=progress, prompts=[e.prompt() for e in inputs.gold])]
