@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from dynamics.errors import DynamicsError
-from dynamics.store import atomic_path, input_file, text_hash, unreadable_parquet
+from dynamics.store import atomic_path, file_hash, input_file, text_hash, unreadable_parquet
 
 ROLES = ("system", "user", "assistant", "tool")
 KNOWN_FIELDS = {
@@ -191,6 +191,29 @@ def record_line(path: str | os.PathLike, record_id: str) -> int | None:
     except DynamicsError:  # not a records file
         pass
     return None
+
+
+def image_digests(records: Iterable[dict]) -> dict[str, str]:
+    """The SHA-256 of every image file that records name, by path: records hold paths, so what is computed on
+    them depends on these too (an image edited in place keeps its path)."""
+    paths = sorted({p for r in records for p in r.get("images") or ()})
+    return {p: file_hash(p) for p in paths}
+
+
+def content_hash(records: Sequence[dict], n: int = 64) -> str:
+    """A hash of records (every field, in canonical JSON) and of the bytes of every image they name: the key of
+    results computed on them. Records without images: the hash of their JSON alone."""
+    blob = json.dumps(list(records), sort_keys=True, ensure_ascii=False, default=str)
+    images = image_digests(records)
+    return text_hash(blob + json.dumps(images, sort_keys=True) if images else blob, n)
+
+
+def data_hash(path: str | os.PathLike) -> str:
+    """A records file's SHA-256, combined with its images' if it names any (so an image edited in place changes
+    it); for a file without images, the file's own SHA-256."""
+    digest = file_hash(input_file(path))
+    images = image_digests(read_records(path, require_completion=False))
+    return text_hash(digest + json.dumps(images, sort_keys=True)) if images else digest
 
 
 @contextlib.contextmanager

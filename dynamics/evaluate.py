@@ -288,8 +288,10 @@ def run_eval(
 def _inputs_hash(task_records: Sequence[dict], probes: Sequence[dict]) -> str:
     """A content hash of what is evaluated: every field of every record (ids, prompts, answers, image paths, and
     ``meta``, which holds what scores a record: its category, a probe's aliases and stored response, a task
-    record's task)."""
-    return text_hash(json.dumps([*task_records, *probes], sort_keys=True, default=str), 16)
+    record's task), and the bytes of every image they name."""
+    from dynamics.data import content_hash
+
+    return content_hash([*task_records, *probes], 16)
 
 
 def summaries(df: pd.DataFrame) -> list[dict[str, Any]]:

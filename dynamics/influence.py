@@ -47,7 +47,15 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from dynamics.data import Encoded, collate, context_length, encode_record, naming_records
+from dynamics.data import (
+    Encoded,
+    collate,
+    context_length,
+    data_hash,
+    encode_record,
+    image_digests,
+    naming_records,
+)
 from dynamics.errors import DynamicsError, check_bounds
 from dynamics.gradients import (
     BYTE_COST,
@@ -75,7 +83,6 @@ from dynamics.store import (
     atomic_path,
     check_folder,
     concat_parquet,
-    file_hash,
     make_folder,
     text_hash,
     versions,
@@ -930,8 +937,9 @@ class Shard:
 
 
 def _key(job: InfluenceRun) -> str:
-    """What every shard of a run shares: its options and the contents of its training and probe files."""
-    return text_hash(json.dumps([asdict(job.config), file_hash(job.train), file_hash(job.probes), job.shard_size]), 12)
+    """What every shard of a run shares: its options and the contents of its training and probe files (and of
+    the images they name)."""
+    return text_hash(json.dumps([asdict(job.config), data_hash(job.train), data_hash(job.probes), job.shard_size]), 12)
 
 
 RESULTS = ("influence.parquet", "influence_tokens.parquet", "predict_check.parquet", "manifest.json", "shards",
@@ -966,9 +974,9 @@ def prepare_out(job: InfluenceRun, delete: bool = True) -> None:
     key, manifest = _key(job), out / "manifest.json"
     stored = json.loads(manifest.read_text()).get("key", key) if manifest.exists() else key
     if stored != key or any(not p.name.startswith(f"{key}-") for p in shards):
-        raise DynamicsError("holds results computed on other inputs (training or probe file, influence options or "
-                            "shard size) than these, which --resume cannot continue: pass --overwrite to replace "
-                            "them", file=out)
+        raise DynamicsError("holds results computed on other inputs (training or probe file or their images, "
+                            "influence options or shard size) than these, which --resume cannot continue: pass "
+                            "--overwrite to replace them", file=out)
 
 
 def _inputs(job: InfluenceRun) -> tuple[list[dict], list[dict], list, list[list[dict]], list[Shard]]:
@@ -1048,13 +1056,14 @@ def compute_shards(job: InfluenceRun, rank: int = 0, world: int = 1,
 def _train_features(lm: LoadedModel, block: list[dict], job: InfluenceRun, ck,
                     tick: Callable[[int], None] | None) -> Tensor:
     """Projected features of one block's training samples, stored once in the features folder and reused by
-    any run whose checkpoint, samples (ids and contents) and feature options are the same."""
+    any run whose checkpoint, samples (ids and contents, images' bytes too) and feature options are the same."""
     cfg = job.config
     store = Path(job.features_dir) if job.features_dir else Path(job.out) / "features"
     make_folder(store)
     samples = [[r["id"], r["prompt"], r.get("completion"), r.get("images")] for r in block]
-    fkey = text_hash(json.dumps([fingerprint(ck.spec), samples, cfg.params, cfg.reduce, cfg.tokens, cfg.projection,
-                                 cfg.proj_dim, cfg.proj_seed, cfg.dtype, cfg.products], default=str), 12)
+    fkey = text_hash(json.dumps([fingerprint(ck.spec), samples, image_digests(block), cfg.params, cfg.reduce,
+                                 cfg.tokens, cfg.projection, cfg.proj_dim, cfg.proj_seed, cfg.dtype, cfg.products],
+                                default=str), 12)
     path = store / f"train-{fkey}.pt"
     if path.exists():
         if tick:
@@ -1101,9 +1110,9 @@ def merge(job: InfluenceRun, timings: dict[str, float] | None = None) -> Path:
         "key": _key(job),
         "ckpts": [{"spec": c.spec, "step": c.step, "name": c.name} for c in ckpts],
         "train": str(Path(job.train).resolve()),
-        "train_sha256": file_hash(job.train),
+        "train_sha256": data_hash(job.train),
         "probes": str(Path(job.probes).resolve()),
-        "probes_sha256": file_hash(job.probes),
+        "probes_sha256": data_hash(job.probes),
         "n_train": len(train),
         "n_probes": len(probes),
         "options": {**asdict(job.config), "shard_size": job.shard_size},

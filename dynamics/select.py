@@ -29,7 +29,7 @@ import pandas as pd
 from dynamics.analyses.loader import InfluenceSet, per_train_sample
 from dynamics.errors import DynamicsError, check_bounds
 from dynamics.influence import InfluenceConfig, Probes, encode_probes
-from dynamics.store import atomic_path, check_file, file_hash, input_file
+from dynamics.store import atomic_path, check_file
 
 STRATEGIES = ("drop-harmful", "keep-aligned", "simulate-rollouts")
 
@@ -86,22 +86,27 @@ def stored_scores(config: SelectConfig, records: list[dict]) -> pd.DataFrame:
     """:func:`per_train_sample` rows of ``config.from_influence``'s table at the checkpoint of step ``config.step``
     (default the earliest), reduced as the table is read (a table larger than memory is fine), checked to hold
     every training record and, if ``config.probes`` is given, to be of those probes."""
-    from dynamics.data import record_line
+    from dynamics.data import data_hash, record_line
 
     path = Path(config.from_influence)
     stored = InfluenceSet(path.name, path.parent if path.suffix == ".parquet" else path)
-    if config.probes and stored.manifest.get("probes_sha256") != file_hash(input_file(config.probes)):
+    if config.probes and stored.manifest.get("probes_sha256") != data_hash(config.probes):
         raise DynamicsError(f"the table at {stored.path} was computed on other probes than these", file=config.probes)
     scores = stored.per_sample_at(config.step)
     ckpt = scores["ckpt"].iloc[0]
     have = set(scores["train_id"])
-    # the same file, or the same samples under each id (a subset of it, say)
-    same = stored.manifest.get("train_sha256") == file_hash(config.data)
+    # the same file, or the same samples under each id (a subset of it, say) as the table's file, unchanged since
+    same = stored.manifest.get("train_sha256") == data_hash(config.data)
+    if not same and data_hash(stored.input_path("train")) != stored.manifest.get("train_sha256"):
+        raise DynamicsError(f"the table at {stored.path} was computed on {stored.input_path('train')}, which (or an "
+                            "image it names) has changed since, so its samples cannot be matched to these: compute "
+                            "the influence again", file=config.data)
     used = {} if same else {r["id"]: r for r in stored.train_records}
     for rec in records:
         if rec["id"] not in have:
             why = f"sample {rec['id']!r} has no kernels in {stored.path} at {ckpt}"
-        elif not same and any(rec[k] != used.get(rec["id"], {}).get(k) for k in ("prompt", "completion")):
+        elif not same and any(rec.get(k) != used.get(rec["id"], {}).get(k)
+                              for k in ("prompt", "completion", "images")):
             why = f"sample {rec['id']!r} is not the one the table at {stored.path} was computed on"
         else:
             continue

@@ -30,6 +30,25 @@ def test_read_normalises_strings_and_assigns_stable_ids(tmp_path):
     assert len(recs[1]["id"]) == 16
 
 
+def test_content_keys_hold_the_images_bytes(tmp_path):
+    """Records name images by path: ``data_hash`` (of a file) and ``content_hash`` (of records), the keys of
+    results computed on them, change when an image is rewritten in place; a file without images hashes as its
+    bytes alone."""
+    from dynamics.data import content_hash, data_hash
+    from dynamics.store import file_hash
+
+    text = write_lines(tmp_path / "t.jsonl", [GOOD])
+    assert data_hash(text) == file_hash(text)
+    (tmp_path / "a.png").write_bytes(b"first")
+    path = write_lines(tmp_path / "r.jsonl", [{**GOOD, "images": ["a.png"]}])
+    before = data_hash(path), content_hash(read_records(path))
+    assert before[0] != file_hash(path)
+    assert (data_hash(path), content_hash(read_records(path))) == before  # (stable)
+    (tmp_path / "a.png").write_bytes(b"second")
+    after = data_hash(path), content_hash(read_records(path))
+    assert after[0] != before[0] and after[1] != before[1]
+
+
 def test_parquet_round_trip(tmp_path):
     recs = read_records(write_lines(tmp_path / "r.jsonl", [GOOD, {**GOOD, "id": "b", "meta": {"category": "x"}}]))
     write_records(tmp_path / "r.parquet", recs)

@@ -115,6 +115,23 @@ def test_run_folder_in_step_order_and_resume(tiny_lm, tmp_path, monkeypatch):
     assert set(edited[(edited.kind == "probe") & (edited.item_id == probes[0]["id"])]["category"]) == {"edited"}
 
 
+def test_a_rerun_evaluates_again_after_an_image_is_rewritten_in_place(tmp_path, monkeypatch):
+    """Probes name images by path: rewritten under the same path, an image makes new inputs, so a rerun into
+    the same OUT evaluates the model again and gives a fresh run's rows."""
+    from PIL import Image
+
+    probes = visual_suite(tmp_path / "vis", n_per_category=1)
+    first = run_eval("tiny-qwen2.5-vl", [], probes, QUIET, tmp_path / "out")
+    loads = []
+    real_load = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda spec, **k: loads.append(spec) or real_load(spec, **k))
+    Image.open(probes[1]["images"][0]).save(probes[0]["images"][0])
+    again = run_eval("tiny-qwen2.5-vl", [], probes, QUIET, tmp_path / "out")
+    assert loads == ["tiny-qwen2.5-vl"]
+    pd.testing.assert_frame_equal(again, run_eval("tiny-qwen2.5-vl", [], probes, QUIET, tmp_path / "fresh"))
+    assert again["logp_sum"].iloc[0] != first["logp_sum"].iloc[0]
+
+
 def test_eval_command_on_the_tiny_vlm(cli, tmp_path):
     out = tmp_path / "ev"
     r = cli("eval", "--model", "tiny-qwen2.5-vl", "--task", "jigsaw", "--task-args", "preset=image,patch_size=28",

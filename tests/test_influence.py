@@ -589,6 +589,32 @@ def test_stored_training_features_are_reused_only_for_the_same_samples_and_optio
     pd.testing.assert_frame_equal(table(TRAIN, "again", store), first)  # (the store still serves the first run)
 
 
+def test_an_image_rewritten_in_place_is_a_new_input(tmp_path):
+    """Records name images by path: after an image is rewritten under its path, ``--resume`` refuses the shards of
+    the old one and a shared ``--features`` store computes afresh, so the table equals a run without the store."""
+    from dynamics.data import write_records
+
+    paths = _images(tmp_path)
+    train = write_records(tmp_path / "train.jsonl", [{"id": f"v{i}", "prompt": "what is it", "completion": "a picture",
+                                                       "images": [paths[i]]} for i in range(2)])
+    probes = write_records(tmp_path / "probes.jsonl", [{"id": "p", "prompt": "colour?", "completion": "red",
+                                                        "images": [paths[2]]}])
+
+    def job(out, features_dir=None, **changes):
+        return influence.InfluenceRun(ckpts=["tiny-qwen2.5-vl"], train=str(train), probes=str(probes),
+                                      out=str(tmp_path / out), features_dir=features_dir, shard_size=1,
+                                      config=InfluenceConfig(target="gold", mode="projected", proj_dim=64), **changes)
+
+    store = str(tmp_path / "store")
+    first = pd.read_parquet(influence.run(job("first", store)))
+    Image.open(paths[2]).rotate(90).save(paths[0])  # an image of the training file, and another's
+    with pytest.raises(DynamicsError, match="holds results computed on other inputs"):
+        influence.run(job("first", store, resume=True))
+    again = pd.read_parquet(influence.run(job("again", store)))
+    pd.testing.assert_frame_equal(again, pd.read_parquet(influence.run(job("fresh"))))
+    assert not np.allclose(again["train_norm"], first["train_norm"])
+
+
 def test_cli_bad_input_is_one_line(tmp_path, cli):
     train = _write(tmp_path / "train.jsonl", TRAIN[:1] + [{"id": "x", "prompt": "p"}])
     probes = _write(tmp_path / "probes.jsonl", PROBES)

@@ -108,3 +108,25 @@ def test_resumed_rollouts_of_a_model_retrained_in_place_are_sampled_again(tmp_pa
     again = sample_in_shards(cfg, task, prompts)
     assert again == sample_in_shards(RolloutsConfig(**{**vars(cfg), "resume": False}), task, prompts)
     assert [r["completion"] for r in again] != [r["completion"] for r in first]
+
+
+def test_resumed_rollouts_after_an_image_is_rewritten_in_place_are_sampled_again(tmp_path, monkeypatch):
+    """Prompts name images by path: rewritten under the same path, an image makes new prompts, whose rollouts
+    ``resume`` samples again rather than reading back."""
+    from PIL import Image
+
+    from dynamics import models
+    from dynamics.models import load_model
+
+    loads = []
+    monkeypatch.setattr(models, "load_model", lambda spec, **k: loads.append(spec) or load_model(spec, **k))
+    task = get_task("jigsaw", preset="image", patch_size=28, image_dir=str(tmp_path / "img"))
+    prompts = task.build(2, seed=0)
+    cfg = RolloutsConfig(out=str(tmp_path / "r.jsonl"), model="tiny-qwen2.5-vl", samples=2, max_new_tokens=4,
+                         shard_size=1, resume=True)
+    sample_in_shards(cfg, task, prompts)
+    sample_in_shards(cfg, task, prompts)
+    assert loads == ["tiny-qwen2.5-vl"]  # read back
+    Image.open(prompts[0]["images"][0]).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(prompts[0]["images"][0])
+    sample_in_shards(cfg, task, prompts)
+    assert loads == ["tiny-qwen2.5-vl"] * 2

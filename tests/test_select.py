@@ -82,7 +82,8 @@ def test_cli_defaults_are_the_library_defaults(cli_params):
 def test_selecting_from_a_stored_influence_table_equals_computing_it(tmp_path, tiny_lm, monkeypatch):
     """`--from-influence`: the decisions made from a `dynamics influence` table (at its earliest checkpoint by
     default, or the one of the step asked) are those made by computing the kernels at that model; samples the table lacks, or
-    holds under another text, are refused. The table is never loaded whole (it is reduced as it is read)."""
+    holds under another text, or a table whose own training file has changed since, are refused. The table is
+    never loaded whole (it is reduced as it is read)."""
     import numpy as np
     import torch
 
@@ -130,5 +131,12 @@ def test_selecting_from_a_stored_influence_table_equals_computing_it(tmp_path, t
                             from_influence=str(tmp_path / "inf")))
     with pytest.raises(DynamicsError, match="no checkpoint at step 9 in .*; it holds steps 0, 5"):
         select(SelectConfig(data=str(data), out=str(tmp_path / "x.jsonl"), step=9,
+                            from_influence=str(tmp_path / "inf")))
+    # the table's own training file edited since (here, as `edited`): a subset of it matches nothing the table
+    # was computed on, however equal to that file now
+    write(data, edited + CONFLICTING)
+    with pytest.raises(DynamicsError, match=r"train2.jsonl: the table at .* was computed on .*train.jsonl, which "
+                                            r"\(or an image it names\) has changed since"):
+        select(SelectConfig(data=str(write(tmp_path / "train2.jsonl", edited[:3])), out=str(tmp_path / "x.jsonl"),
                             from_influence=str(tmp_path / "inf")))
     assert not (tmp_path / "x.jsonl").exists()

@@ -226,6 +226,29 @@ def test_runs_from_one_base_share_the_step0_evaluation(tmp_path):
     assert "reused_from" not in fresh[0] and fresh[0]["probe_logp"] != first[0]["probe_logp"]
 
 
+def test_training_keys_hold_the_images_bytes(tmp_path):
+    """What a resume checks its data against (``data_hash`` of the manifest), and what a run's step-0 evaluation
+    is shared under (``eval_base_from``), change when an image is rewritten under its path."""
+    from PIL import Image
+
+    from dynamics.evaluate import EvalConfig
+    from dynamics.tasks import get_task
+    from dynamics.train.callbacks import EvalCallback
+    from dynamics.train.run import data_fingerprint
+
+    records = get_task("jigsaw", preset="image", patch_size=28, image_dir=str(tmp_path / "img")).build(2, seed=0)
+    path = write_records(tmp_path / "train.jsonl", records)
+
+    def keys():
+        return (data_fingerprint(path), data_fingerprint(None, records),
+                EvalCallback(None, records, [], EvalConfig(), 1, tmp_path / "run").inputs_key)
+
+    before = keys()
+    assert keys() == before
+    Image.open(records[0]["images"][0]).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(records[0]["images"][0])
+    assert all(a != b for a, b in zip(keys(), before, strict=True))
+
+
 @pytest.mark.slow
 def test_grpo_on_the_default_model_logs_rollouts_with_rewards_and_advantages(tmp_path):
     from dynamics.tasks import get_task

@@ -17,6 +17,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from dynamics.data import image_digests
 from dynamics.errors import DynamicsError
 from dynamics.models import LoadedModel
 from dynamics.store import append_jsonl, atomic_path, read_jsonl_rows, read_parquet, text_hash, write_json
@@ -170,8 +171,8 @@ class EvalCallback(TrainerCallback):
         self.name = name or self.run.name
         self.base_from = Path(base_from) if base_from else None
         settings = {k: v for k, v in asdict(config).items() if k not in ("progress", "task_data", "probes")}
-        self.inputs_key = text_hash(json.dumps([model_spec, task_records, probes, settings], sort_keys=True,
-                                               default=str))
+        self.inputs_key = text_hash(json.dumps([model_spec, task_records, probes, settings,
+                                                image_digests([*task_records, *probes])], sort_keys=True, default=str))
 
     def evaluate(self, model: torch.nn.Module, step: int) -> dict | None:
         """Evaluate ``model`` now and log it as ``step`` (main process; the others wait)."""

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from dynamics.data import naming_records, read_records, record_line, write_records
+from dynamics.data import image_digests, naming_records, read_records, record_line, write_records
 from dynamics.errors import DynamicsError, check_bounds
 from dynamics.store import check_file, read_jsonl_rows, text_hash, write_jsonl
 
@@ -175,7 +175,8 @@ def sample_in_shards(config: RolloutsConfig, task: Any, records: Sequence[dict])
     folder = shards_dir(config.out)
     opts = {k: v for k, v in asdict(config).items() if k not in ("out", "resume", "keep", "batch_size")}
     prompts = [[r["id"], r["prompt"], r.get("answer"), r.get("images")] for r in records]
-    key = text_hash(json.dumps([opts, fingerprint(config.model), prompts], sort_keys=True, default=str), 12)
+    key = text_hash(json.dumps([opts, fingerprint(config.model), prompts, image_digests(records)], sort_keys=True,
+                               default=str), 12)
     if not config.resume:
         shutil.rmtree(folder, ignore_errors=True)
     lm, rows = None, []

@@ -32,14 +32,13 @@ from typing import Any
 
 import torch
 
+from dynamics.data import content_hash, data_hash
 from dynamics.errors import DynamicsError, check_bounds
 from dynamics.store import (
     check_folder,
-    file_hash,
     input_file,
     read_jsonl_rows,
     removed_on_error,
-    text_hash,
     versions,
     write_json,
     write_jsonl,
@@ -244,11 +243,9 @@ def prepare_run(config: Any) -> Path | None:
 
 
 def data_fingerprint(path: str | os.PathLike | None, records: Sequence[dict] | None = None) -> str:
-    """SHA-256 of a data file, or of records' canonical JSON when they were built in memory."""
-    if path is not None:
-        return file_hash(path)
-    blob = json.dumps(records or [], sort_keys=True, ensure_ascii=False, default=str)
-    return text_hash(blob)
+    """:func:`dynamics.data.data_hash` of a data file, or :func:`dynamics.data.content_hash` of records built in
+    memory (SHA-256 of their canonical JSON and of the images they name)."""
+    return data_hash(path) if path is not None else content_hash(records or [])
 
 
 def base_model_spec(spec: str, lm: Any) -> str:
