@@ -28,7 +28,7 @@ import pandas as pd
 
 from dynamics.analyses.loader import InfluenceSet, per_train_sample
 from dynamics.errors import DynamicsError, check_bounds
-from dynamics.influence import InfluenceConfig, Probes, encode_probes
+from dynamics.influence import InfluenceConfig, Probes, encode_probes, encode_train
 from dynamics.store import atomic_path, check_file
 
 STRATEGIES = ("drop-harmful", "keep-aligned", "simulate-rollouts")
@@ -153,9 +153,12 @@ def select(config: SelectConfig, lm=None) -> tuple[Path, pd.DataFrame]:
         probes = read_records(config.probes)
         lm = lm or load_model(config.model, dtype=config.influence.dtype, device=config.influence.device)
         if config.strategy == "simulate-rollouts":
-            with naming_records(config.probes):  # the probes are checked before any rollout is sampled
+            # the probes, and the samples with their gold answers (kept where no sample is correct), are checked
+            # before any rollout is sampled
+            with naming_records(config.probes):
                 encode_probes(lm, probes, config.influence)
             with naming_records(config.data):
+                encode_train(lm, records, config.influence)
                 records, reasons = _simulate(lm, records, config)
         with naming_records(config.probes):  # an error while encoding the probes names the probe file
             side = Probes(lm, probes, config.influence, records)

@@ -509,6 +509,8 @@ def test_a_completion_beyond_the_context_is_named_as_the_completion(tmp_path, ma
         (["probes", "build", *model, "--suite", "longc.jsonl"], "p.jsonl", "longc.jsonl", "completion"),
         (["select", "--strategy", "simulate-rollouts", "--data", ok, "--probes", "longc.jsonl", *model, "--budget",
           "1"], "k.jsonl", "longc.jsonl", "completion"),  # before the rollouts are sampled
+        (["select", "--strategy", "simulate-rollouts", "--data", "longc.jsonl", "--probes", ok, *model, "--budget",
+          "1"], "k.jsonl", "longc.jsonl", "completion"),  # a gold answer too: kept where no sample is correct
     ]
     for args, out, where, field in jobs:
         code, err = main_in_process(*args, "--out", out)
