@@ -21,14 +21,15 @@ from dynamics.models import LoadedModel
 
 def encode_scored(lm: LoadedModel, records: Sequence[dict], new_tokens: int = 0,
                   completions: Sequence[list[dict] | str] | None = None,
-                  completion_field: str = "completion") -> list[Encoded]:
-    """Each record with its completion (or ``completions[i]``, which errors name by ``completion_field``),
-    checked against the model's context: the prompt leaves ``new_tokens`` of it free to generate in, and the
-    whole sequence fits. Log p scores the whole, generation starts from its
-    :meth:`~dynamics.data.Encoded.prompt`."""
+                  completion_field: str | Sequence[str] = "completion") -> list[Encoded]:
+    """Each record with its completion (or ``completions[i]``, which errors name by ``completion_field``, one
+    for all or one per record), checked against the model's context: the prompt leaves ``new_tokens`` of it
+    free to generate in, and the whole sequence fits. Log p and gradients score the whole, generation starts
+    from its :meth:`~dynamics.data.Encoded.prompt`."""
     limit = context_length(lm.model)
+    fields = [completion_field] * len(records) if isinstance(completion_field, str) else completion_field
     return [encode_record(lm.processing_class, rec, limit, None if completions is None else completions[i],
-                          new_tokens, completion_field) for i, rec in enumerate(records)]
+                          new_tokens, fields[i]) for i, rec in enumerate(records)]
 
 
 def encode_prompts(lm: LoadedModel, records: Sequence[dict], new_tokens: int) -> list[Encoded]:

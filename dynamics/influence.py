@@ -47,16 +47,9 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from dynamics.data import (
-    Encoded,
-    collate,
-    context_length,
-    data_hash,
-    encode_record,
-    image_digests,
-    naming_records,
-)
+from dynamics.data import Encoded, collate, data_hash, image_digests, naming_records
 from dynamics.errors import DynamicsError, check_bounds
+from dynamics.generation import encode_scored
 from dynamics.gradients import (
     BYTE_COST,
     LOWRANK_KINDS,
@@ -238,19 +231,17 @@ def encode_all(lm: LoadedModel, records: Sequence[dict], completions: Sequence |
     """Encode records (optionally with other completions: ``fields[i]`` names where record i's comes from, for
     errors), checking each fits the model's context and has a token to score; ``tokens="content"`` keeps only
     the answer's own completion tokens (see :meth:`Encoded.content_only`)."""
-    limit = context_length(lm.model)
     special = set(lm.tokenizer.all_special_ids)
+    fields = fields or ["completion"] * len(records)
     out = []
-    for i, rec in enumerate(records):
-        field = fields[i] if fields else "completion"
-        enc = encode_record(lm.processing_class, rec, max_length=limit,
-                            completion=None if completions is None else completions[i], completion_field=field)
+    for rec, where, enc in zip(records, fields, encode_scored(lm, records, completions=completions,
+                                                              completion_field=fields), strict=True):
         if tokens == "content":
             enc = enc.content_only(special)
         if not any(enc.completion_mask):
             why = ("is empty: with tokens=content (the answer's own tokens, not the chat template's end-of-turn) "
                    "nothing is left to score" if tokens == "content" else "has no tokens to score")
-            raise DynamicsError(f"the completion {why}", field=f"{field} (record {rec['id']})")
+            raise DynamicsError(f"the completion {why}", field=f"{where} (record {rec['id']})")
         out.append(enc)
     return out
 

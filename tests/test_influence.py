@@ -509,12 +509,13 @@ def test_shards_of_a_checkpoint_share_one_probe_pass(tmp_path, monkeypatch, mode
     lay out the store (exact), or to check that every block fits the context (projected)."""
     from collections import Counter
 
+    from dynamics import generation
     from dynamics.data import write_records
 
     encoded = Counter()  # record id -> times encoded
-    real_encode = influence.encode_record
-    monkeypatch.setattr(influence, "encode_record",
-                        lambda pc, rec, **k: encoded.update([rec["id"]]) or real_encode(pc, rec, **k))
+    real_encode = generation.encode_record
+    monkeypatch.setattr(generation, "encode_record",
+                        lambda pc, rec, *a, **k: encoded.update([rec["id"]]) or real_encode(pc, rec, *a, **k))
     sizes = []  # samples in each pass over probes (exact), or over any samples (projected features)
     real_pass, real_features = influence._probe_pass, influence.features
     monkeypatch.setattr(influence, "_probe_pass",
