@@ -200,7 +200,7 @@ def test_evaluation_records_without_their_task_are_scored_by_the_eval_task(tmp_p
 
 def test_runs_from_one_base_share_the_step0_evaluation(tmp_path):
     """eval_base_from copies the base evaluation of a run with the same model and evaluation inputs (and only
-    then): its step-0 rows equal a fresh evaluation's."""
+    then): its step-0 rows equal a fresh evaluation's. A base model folder retrained in place is a new model."""
     import pandas as pd
 
     from dynamics.probes import text_suite
@@ -209,10 +209,12 @@ def test_runs_from_one_base_share_the_step0_evaluation(tmp_path):
     probes = write_records(tmp_path / "probes.jsonl", text_suite()[:4])
     other = write_records(tmp_path / "other.jsonl", text_suite()[4:8])
     train = get_task("jigsaw").build(8, 0)
+    base = tmp_path / "base"
+    load_model("tiny-llama").save(base)
 
     def run(name, probe_file, base_from=None):
-        res = train_sft(sft_config(tmp_path, name, max_steps=1, eval_every=1, eval_task="jigsaw", eval_n=3,
-                                   probes=str(probe_file), eval_base_from=base_from), train)
+        res = train_sft(sft_config(tmp_path, name, model=str(base), max_steps=1, eval_every=1, eval_task="jigsaw",
+                                   eval_n=3, probes=str(probe_file), eval_base_from=base_from), train)
         return read_jsonl_rows(res.run / "eval.jsonl"), pd.read_parquet(res.run / "eval.parquet")
 
     first, first_items = run("a", probes)
@@ -224,6 +226,13 @@ def test_runs_from_one_base_share_the_step0_evaluation(tmp_path):
     assert set(shared_items["model"]) == {"b"} and [r["step"] for r in shared] == [0, 1]
     fresh, _ = run("c", other, base_from=str(tmp_path / "a"))  # other probes: evaluated, not copied
     assert "reused_from" not in fresh[0] and fresh[0]["probe_logp"] != first[0]["probe_logp"]
+    with torch.no_grad():  # other weights in the base folder: evaluated, not copied
+        moved = load_model(str(base))
+        for p in moved.model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0), dtype=p.dtype))
+    moved.save(base)
+    retrained, _ = run("d", probes, base_from=str(tmp_path / "a"))
+    assert "reused_from" not in retrained[0] and retrained[0]["probe_logp"] != first[0]["probe_logp"]
 
 
 def test_training_keys_hold_the_images_bytes(tmp_path):

@@ -19,7 +19,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from dynamics.data import image_digests
 from dynamics.errors import DynamicsError
-from dynamics.models import LoadedModel
+from dynamics.models import LoadedModel, fingerprint
 from dynamics.store import append_jsonl, atomic_path, read_jsonl_rows, read_parquet, text_hash, write_json
 from dynamics.train.schedules import checkpoint_steps
 
@@ -171,7 +171,10 @@ class EvalCallback(TrainerCallback):
         self.name = name or self.run.name
         self.base_from = Path(base_from) if base_from else None
         settings = {k: v for k, v in asdict(config).items() if k not in ("progress", "task_data", "probes")}
-        self.inputs_key = text_hash(json.dumps([model_spec, task_records, probes, settings,
+        # what a run's step-0 evaluation depends on, for runs from one base to share it (``base_from``): the
+        # base model's weights, the inputs (images' bytes too) and the settings
+        weights = fingerprint(model_spec) if model_spec else ""
+        self.inputs_key = text_hash(json.dumps([weights, task_records, probes, settings,
                                                 image_digests([*task_records, *probes])], sort_keys=True, default=str))
 
     def evaluate(self, model: torch.nn.Module, step: int) -> dict | None:
