@@ -209,11 +209,14 @@ def content_hash(records: Sequence[dict], n: int = 64) -> str:
 
 
 def data_hash(path: str | os.PathLike) -> str:
-    """A records file's SHA-256, combined with its images' if it names any (so an image edited in place changes
-    it); for a file without images, the file's own SHA-256."""
+    """A records file's SHA-256, combined with its images' in the order it names them if it names any (so an
+    image edited in place changes it, and a folder moved with its images does not); for a file without images,
+    the file's own SHA-256."""
     digest = file_hash(input_file(path))
-    images = image_digests(read_records(path, require_completion=False))
-    return text_hash(digest + json.dumps(images, sort_keys=True)) if images else digest
+    records = read_records(path, require_completion=False)
+    images = image_digests(records)
+    ordered = [images[p] for r in records for p in r.get("images") or ()]
+    return text_hash(digest + json.dumps(ordered)) if ordered else digest
 
 
 @contextlib.contextmanager

@@ -33,7 +33,9 @@ def test_read_normalises_strings_and_assigns_stable_ids(tmp_path):
 def test_content_keys_hold_the_images_bytes(tmp_path):
     """Records name images by path: ``data_hash`` (of a file) and ``content_hash`` (of records), the keys of
     results computed on them, change when an image is rewritten in place; a file without images hashes as its
-    bytes alone."""
+    bytes alone, and a file moved with its images keeps its ``data_hash``."""
+    import shutil
+
     from dynamics.data import content_hash, data_hash
     from dynamics.store import file_hash
 
@@ -44,6 +46,8 @@ def test_content_keys_hold_the_images_bytes(tmp_path):
     before = data_hash(path), content_hash(read_records(path))
     assert before[0] != file_hash(path)
     assert (data_hash(path), content_hash(read_records(path))) == before  # (stable)
+    shutil.copytree(tmp_path, tmp_path.parent / f"{tmp_path.name}-moved")
+    assert data_hash(tmp_path.parent / f"{tmp_path.name}-moved" / "r.jsonl") == before[0]
     (tmp_path / "a.png").write_bytes(b"second")
     after = data_hash(path), content_hash(read_records(path))
     assert after[0] != before[0] and after[1] != before[1]
