@@ -140,6 +140,8 @@ def sample_table(cfg: CompareConfig) -> pd.DataFrame:
         label = _match_influence(inf, data)
         if label in influence:
             raise DynamicsError(f"a second influence folder for data set '{label}'", file=folder, field="influence")
+        if (folder / "manifest.json").is_file():  # the kernels are of these samples, not of others under their ids
+            inf.check_samples(records[label], paths[label])
         per = inf.per_sample_at(cfg.step)
         influence[label] = per.drop(columns=["ckpt", "n_probes"]).rename(
             columns={"train_id": "id", "step": "influence_step"}).assign(label=label)

@@ -17,7 +17,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -257,9 +257,31 @@ class InfluenceSet:
 
     @cached_property
     def train_records(self) -> list[dict]:
-        from dynamics.data import read_records
+        """The training records the table was computed on: its manifest's file, checked to hash as the manifest
+        says (``train_sha256``: an edited file, or image, would attribute the table's rows to other samples)."""
+        from dynamics.data import data_hash, read_records
 
-        return read_records(self.input_path("train"))
+        path = self.input_path("train")
+        recorded = self.manifest.get("train_sha256")
+        if recorded is not None and data_hash(path) != recorded:
+            raise DynamicsError(f"the table at {self.path} was computed on this file, which (or an image it names) "
+                                "has changed since: compute the influence again", file=path)
+        return read_records(path)
+
+    def check_samples(self, records: Sequence[dict], path: str | os.PathLike) -> None:
+        """Raise unless each of ``records`` (read from ``path``) that the table holds is the sample it was
+        computed on: ``path`` is the table's training file as it was, or the records equal (prompt, completion,
+        images) that file's under their ids."""
+        from dynamics.data import data_hash, record_line
+
+        if self.manifest.get("train_sha256") == data_hash(path):
+            return
+        table = {r["id"]: r for r in self.train_records}
+        for rec in records:
+            old = table.get(rec["id"])
+            if old is not None and any(rec.get(k) != old.get(k) for k in ("prompt", "completion", "images")):
+                raise DynamicsError(f"sample {rec['id']!r} is not the one the table at {self.path} was computed on",
+                                    file=path, line=record_line(path, rec["id"]), field="id")
 
     @cached_property
     def probe_categories(self) -> pd.Series:

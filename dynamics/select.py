@@ -85,7 +85,8 @@ def parse_budget(budget: str | float | int, n: int) -> int:
 def stored_scores(config: SelectConfig, records: list[dict]) -> pd.DataFrame:
     """:func:`per_train_sample` rows of ``config.from_influence``'s table at the checkpoint of step ``config.step``
     (default the earliest), reduced as the table is read (a table larger than memory is fine), checked to hold
-    every training record and, if ``config.probes`` is given, to be of those probes."""
+    every training record, as the sample it was computed on, and, if ``config.probes`` is given, to be of those
+    probes."""
     from dynamics.data import data_hash, record_line
 
     path = Path(config.from_influence)
@@ -95,22 +96,11 @@ def stored_scores(config: SelectConfig, records: list[dict]) -> pd.DataFrame:
     scores = stored.per_sample_at(config.step)
     ckpt = scores["ckpt"].iloc[0]
     have = set(scores["train_id"])
-    # the same file, or the same samples under each id (a subset of it, say) as the table's file, unchanged since
-    same = stored.manifest.get("train_sha256") == data_hash(config.data)
-    if not same and data_hash(stored.input_path("train")) != stored.manifest.get("train_sha256"):
-        raise DynamicsError(f"the table at {stored.path} was computed on {stored.input_path('train')}, which (or an "
-                            "image it names) has changed since, so its samples cannot be matched to these: compute "
-                            "the influence again", file=config.data)
-    used = {} if same else {r["id"]: r for r in stored.train_records}
-    for rec in records:
-        if rec["id"] not in have:
-            why = f"sample {rec['id']!r} has no kernels in {stored.path} at {ckpt}"
-        elif not same and any(rec.get(k) != used.get(rec["id"], {}).get(k)
-                              for k in ("prompt", "completion", "images")):
-            why = f"sample {rec['id']!r} is not the one the table at {stored.path} was computed on"
-        else:
-            continue
-        raise DynamicsError(why, file=config.data, line=record_line(config.data, rec["id"]), field="id")
+    stored.check_samples(records, config.data)  # the table's file, or the same samples (a subset of it, say)
+    missing = [r["id"] for r in records if r["id"] not in have]
+    if missing:
+        raise DynamicsError(f"sample {missing[0]!r} has no kernels in {stored.path} at {ckpt}", file=config.data,
+                            line=record_line(config.data, missing[0]), field="id")
     return scores
 
 

@@ -204,3 +204,30 @@ def test_influence_is_joined_at_the_checkpoint_of_the_step_asked(tmp_path, monke
         with pytest.raises(DynamicsError) as err:
             sample_table(CompareConfig(data=[gold, roll], out=tmp_path / "o", influence=[table], step=step))
         assert needle in str(err.value)
+
+
+def test_influence_of_other_samples_under_the_same_ids_is_refused(tmp_path):
+    """An influence folder is joined by training id only to the samples it was computed on: a data file whose
+    sample differs from the table's under its id, or the table's own training file edited since, is one error
+    (before, the kernels were joined to whatever the ids now hold)."""
+    from dynamics.data import data_hash
+
+    gold = jsonl(tmp_path / "gold.jsonl", records("g", 4, 3))
+    roll = jsonl(tmp_path / "rollouts.jsonl", records("r", 4, 2))
+    inf = tmp_path / "inf"
+    inf.mkdir()
+    pd.DataFrame([{"ckpt": "base", "step": 0, "train_id": f"g{i}", "probe_id": "p0", "kernel": 1.0, "cosine": 0.1,
+                   "train_norm": 2.0, "probe_norm": 1.0} for i in range(4)]).to_parquet(inf / "influence.parquet")
+    (inf / "manifest.json").write_text(json.dumps({"train": str(gold), "train_sha256": data_hash(gold),
+                                                   "probes": str(tmp_path / "p.jsonl")}))
+    s = sample_table(CompareConfig(data=[gold, roll], out=tmp_path / "o", influence=[inf]))
+    assert s.dropna(subset=["train_norm"]).id.tolist() == ["g0", "g1", "g2", "g3"]
+    edited = records("g", 4, 3)
+    edited[1]["completion"] = "another answer"
+    copy = jsonl(tmp_path / "copy.jsonl", edited)
+    with pytest.raises(DynamicsError, match=r"copy.jsonl:2: field 'id': sample 'g1' is not the one the table at"):
+        sample_table(CompareConfig(data=[copy, roll], out=tmp_path / "o", influence=[inf]))
+    jsonl(gold, edited)
+    with pytest.raises(DynamicsError, match=r"gold.jsonl: the table at .* was computed on this file, which \(or an "
+                                            r"image it names\) has changed since"):
+        sample_table(CompareConfig(data=[gold, roll], out=tmp_path / "o", influence=[inf]))

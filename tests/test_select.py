@@ -135,7 +135,7 @@ def test_selecting_from_a_stored_influence_table_equals_computing_it(tmp_path, t
     # the table's own training file edited since (here, as `edited`): a subset of it matches nothing the table
     # was computed on, however equal to that file now
     write(data, edited + CONFLICTING)
-    with pytest.raises(DynamicsError, match=r"train2.jsonl: the table at .* was computed on .*train.jsonl, which "
+    with pytest.raises(DynamicsError, match=r"train.jsonl: the table at .* was computed on this file, which "
                                             r"\(or an image it names\) has changed since"):
         select(SelectConfig(data=str(write(tmp_path / "train2.jsonl", edited[:3])), out=str(tmp_path / "x.jsonl"),
                             from_influence=str(tmp_path / "inf")))
