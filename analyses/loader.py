@@ -255,18 +255,22 @@ class InfluenceSet:
             raise DynamicsError("missing required field", file=manifest, field=key)
         return _path_in(manifest, self.manifest[key], key, self.roots)
 
-    @cached_property
-    def train_records(self) -> list[dict]:
-        """The training records the table was computed on: its manifest's file, checked to hash as the manifest
-        says (``train_sha256``: an edited file, or image, would attribute the table's rows to other samples)."""
+    def input_records(self, key: str) -> list[dict]:
+        """The records the table was computed on (``train`` or ``probes``): the manifest's file, checked to hash
+        as the manifest says (``KEY_sha256``: an edited file, or image, would attribute the table's rows to other
+        samples)."""
         from dynamics.data import data_hash, read_records
 
-        path = self.input_path("train")
-        recorded = self.manifest.get("train_sha256")
+        path = self.input_path(key)
+        recorded = self.manifest.get(f"{key}_sha256")
         if recorded is not None and data_hash(path) != recorded:
             raise DynamicsError(f"the table at {self.path} was computed on this file, which (or an image it names) "
                                 "has changed since: compute the influence again", file=path)
         return read_records(path)
+
+    @cached_property
+    def train_records(self) -> list[dict]:
+        return self.input_records("train")
 
     def check_samples(self, records: Sequence[dict], path: str | os.PathLike) -> None:
         """Raise unless each of ``records`` (read from ``path``) that the table holds is the sample it was
@@ -286,9 +290,7 @@ class InfluenceSet:
     @cached_property
     def probe_categories(self) -> pd.Series:
         """probe_id -> category (``meta.category``, 'uncategorised' when absent)."""
-        from dynamics.data import read_records
-
-        recs = read_records(self.input_path("probes"))
+        recs = self.input_records("probes")
         return pd.Series({r["id"]: str(r.get("meta", {}).get("category", "uncategorised")) for r in recs},
                          name="category")
 

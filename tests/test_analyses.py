@@ -405,6 +405,31 @@ def test_rollout_sign_push_and_groups_by_hand(tmp_path, probes, batches):
     assert f.stats["counts"] == {"positive": 2, "negative": 2}
 
 
+def test_an_input_file_edited_after_its_table_is_refused(tmp_path, probes):
+    """The recipes read a table's training records (rewards) and probe records (categories) through its
+    manifest: a file that no longer hashes as the manifest says is one error naming it, not its new contents
+    joined to the table's rows."""
+    from dynamics.analyses.loader import InfluenceSet
+    from dynamics.data import data_hash
+
+    recs = [record(i, "r", reward=float(i % 2)) for i in range(4)]
+    recs[1]["prompt"], recs[3]["prompt"] = recs[0]["prompt"], recs[2]["prompt"]  # two groups of two rollouts
+    data = jsonl(tmp_path / "data" / "rollouts.jsonl", recs)
+    out = influence_dir(tmp_path, "rft", influence_rows([1.0, 2.0, 3.0, 4.0], [[0.1] * 4] * 4, [1.0] * 4,
+                                                        prefix="r"), data, probes)
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "train_sha256": data_hash(data),
+                                                   "probes_sha256": data_hash(probes)}))
+    assert rollout_sign.analyse(Study.discover(tmp_path)).stats["counts"] == {"positive": 2, "negative": 2}
+    assert set(InfluenceSet("rft", out).probe_categories) == {"facts", "math"}
+    jsonl(data, [{**r, "reward": 1.0 - r["reward"]} for r in recs])  # the rewards flipped after the table
+    with pytest.raises(DynamicsError, match=r"rollouts.jsonl: the table at .* was computed on this file, which"):
+        rollout_sign.analyse(Study.discover(tmp_path))
+    jsonl(probes, [record(j, "p", meta={"category": "other"}) for j in range(4)])
+    with pytest.raises(DynamicsError, match=r"probes.jsonl: the table at .* was computed on this file, which"):
+        len(InfluenceSet("rft", out).probe_categories)
+
+
 def test_rollout_sign_needs_rewarded_training_data(two_sources):
     root, *_ = two_sources
     assert "rollouts with rewards" in rollout_sign.needs(Study.discover(root))
