@@ -927,10 +927,15 @@ class Shard:
     tokens_path: Path
 
 
-def _key(job: InfluenceRun) -> str:
+def _input_hashes(job: InfluenceRun) -> tuple[str, str]:
+    """:func:`dynamics.data.data_hash` of the training and probe files (it reads their records: once per phase)."""
+    return data_hash(job.train), data_hash(job.probes)
+
+
+def _key(job: InfluenceRun, hashes: tuple[str, str]) -> str:
     """What every shard of a run shares: its options and the contents of its training and probe files (and of
-    the images they name)."""
-    return text_hash(json.dumps([asdict(job.config), data_hash(job.train), data_hash(job.probes), job.shard_size]), 12)
+    the images they name), given as their :func:`_input_hashes`."""
+    return text_hash(json.dumps([asdict(job.config), *hashes, job.shard_size]), 12)
 
 
 RESULTS = ("influence.parquet", "influence_tokens.parquet", "predict_check.parquet", "manifest.json", "shards",
@@ -962,7 +967,7 @@ def prepare_out(job: InfluenceRun, delete: bool = True) -> None:
     if not job.resume:
         raise DynamicsError("holds the results of an earlier `dynamics influence` run: pass --resume to keep its "
                             "finished shards or --overwrite to replace them", file=out)
-    key, manifest = _key(job), out / "manifest.json"
+    key, manifest = _key(job, _input_hashes(job)), out / "manifest.json"
     stored = json.loads(manifest.read_text()).get("key", key) if manifest.exists() else key
     if stored != key or any(not p.name.startswith(f"{key}-") for p in shards):
         raise DynamicsError("holds results computed on other inputs (training or probe file or their images, "
@@ -970,7 +975,7 @@ def prepare_out(job: InfluenceRun, delete: bool = True) -> None:
                             "--overwrite to replace them", file=out)
 
 
-def _inputs(job: InfluenceRun) -> tuple[list[dict], list[dict], list, list[list[dict]], list[Shard]]:
+def _inputs(job: InfluenceRun) -> tuple[list[dict], list[dict], list, list[list[dict]], list[Shard], tuple[str, str]]:
     from dynamics.data import read_records
     from dynamics.models import resolve_checkpoints
 
@@ -981,7 +986,8 @@ def _inputs(job: InfluenceRun) -> tuple[list[dict], list[dict], list, list[list[
     if not ckpts:
         raise DynamicsError("no checkpoints found", field="ckpt")
     blocks = [train[i:i + job.shard_size] for i in range(0, len(train), job.shard_size)]
-    key = _key(job)
+    hashes = _input_hashes(job)
+    key = _key(job, hashes)
     shards_dir = Path(job.out) / "shards"
     shards = []
     for ci, ck in enumerate(ckpts):
@@ -989,7 +995,7 @@ def _inputs(job: InfluenceRun) -> tuple[list[dict], list[dict], list, list[list[
             stem = f"{key}-{text_hash(fingerprint(ck.spec), 12)}-{bi:05d}"
             shards.append(Shard(ci * len(blocks) + bi, ck, bi, shards_dir / f"{stem}.parquet",
                                 shards_dir / f"{stem}.tokens.parquet"))
-    return train, probes, ckpts, blocks, shards
+    return train, probes, ckpts, blocks, shards, hashes
 
 
 def compute_shards(job: InfluenceRun, rank: int = 0, world: int = 1,
@@ -998,7 +1004,7 @@ def compute_shards(job: InfluenceRun, rank: int = 0, world: int = 1,
     ready by :func:`prepare_out`."""
     from dynamics.models import load_model
 
-    train, probes, ckpts, blocks, shards = _inputs(job)  # atomic_path makes OUT/shards with the first shard
+    train, probes, ckpts, blocks, shards, _ = _inputs(job)  # atomic_path makes OUT/shards with the first shard
     timings = {"load": 0.0, "compute": 0.0, "write": 0.0}
     mine = [s for s in shards if s.index % world == rank]
     lm, side, loaded_spec = None, None, None
@@ -1071,7 +1077,7 @@ def merge(job: InfluenceRun, timings: dict[str, float] | None = None) -> Path:
     write OUT/manifest.json."""
     from dynamics.models import load_model
 
-    train, probes, ckpts, _, shards = _inputs(job)
+    train, probes, ckpts, _, shards, hashes = _inputs(job)
     out = Path(job.out)
     missing = [s.path for s in shards if not s.path.exists()]
     if missing:
@@ -1098,12 +1104,12 @@ def merge(job: InfluenceRun, timings: dict[str, float] | None = None) -> Path:
     write_json(out / "manifest.json", {
         "format": 1,
         "command": "influence",
-        "key": _key(job),
+        "key": _key(job, hashes),
         "ckpts": [{"spec": c.spec, "step": c.step, "name": c.name} for c in ckpts],
         "train": str(Path(job.train).resolve()),
-        "train_sha256": data_hash(job.train),
+        "train_sha256": hashes[0],
         "probes": str(Path(job.probes).resolve()),
-        "probes_sha256": data_hash(job.probes),
+        "probes_sha256": hashes[1],
         "n_train": len(train),
         "n_probes": len(probes),
         "options": {**asdict(job.config), "shard_size": job.shard_size},
