@@ -203,6 +203,7 @@ def test_monitor_forms_the_weight_gradients_autograd_would(tmp_path, case):
     plain, grads, mon = _grads_with_and_without_monitor(tmp_path, params, steps=2, lr=1e-2, batch=2, **case)
     assert len(mon.owned) >= (2 * 2 * 7 if params == "lora" else 2 * 7)  # every linear layer of both blocks
     assert set(mon.owned) <= set(grads[0])
+    assert not set(mon.store.lowrank) & mon.owned  # no ghost terms kept beside the rows of owned layers
     if not case.get("bf16"):
         _assert_same_grads(plain, grads)
         return
@@ -216,23 +217,25 @@ def test_layers_materialised_during_training_are_owned_from_the_next_step(tmp_pa
     """A plan that leaves every layer in ghost form at the refresh (as for GRPO, whose rollouts are not known
     then): a batch that the materialised contraction pays off for materialises a layer, and from the next step on
     the monitor forms that layer's weight gradient, so autograd does not form it a second time. Every gradient
-    still equals that of the run without the monitor."""
+    still equals that of the run without the monitor, and the store drops the ghost terms of the layers it owns."""
 
     import dynamics.train.monitor as monitor
     from dynamics.gradients import FormPlan
 
     monkeypatch.setattr(monitor, "plan_forms", lambda rec, *a, **k: FormPlan(dict.fromkeys(rec.uses, "lowrank"), 0))
-    owned, begin = [], monitor.InterferenceMonitor.on_step_begin
+    owned, kept, begin = [], [], monitor.InterferenceMonitor.on_step_begin
 
     def spy(self, *args, **kwargs):
         begin(self, *args, **kwargs)
         owned.append(set(self.owned))
+        kept.append(set(self.store.lowrank))
 
     monkeypatch.setattr(monitor.InterferenceMonitor, "on_step_begin", spy)
     long_rows = [{**r, "prompt": [{"role": "user", "content": "abc " * 40}]} for r in TRAIN]
     plain, grads, _ = _grads_with_and_without_monitor(tmp_path, steps=3, lr=1e-2, batch=4, records=long_rows,
                                                       refresh=100)
     assert owned[0] == set() and len(owned[1]) >= 2 * 7  # materialised by step 1's batch, owned from step 2
+    assert owned[1] <= kept[0] and not kept[1] & owned[1]
     _assert_same_grads(plain, grads)
 
 

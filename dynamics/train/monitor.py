@@ -31,7 +31,7 @@ import hashlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -204,6 +204,8 @@ class InterferenceMonitor(TrainerCallback):
                                   else self.icfg.batch_size)
 
             dtype, forms = self._store_plan(self.engine.recorder.dtype, plan)
+            # an owned layer is contracted by the gradients the monitor builds anyway: its ghost terms go unread
+            forms = replace(forms, dense_only=forms.dense_only | {n for n in self.ownable if forms.dense(n)})
             logp = torch.zeros(len(enc), dtype=torch.float64)
             self.store = _probe_pass(self.engine, batches, forms, None, logp_out=logp, dtype=dtype)
         finally:
@@ -261,6 +263,8 @@ class InterferenceMonitor(TrainerCallback):
         self._segments: dict[int, tuple[int, int]] = {}
         self._t0 = time.perf_counter()
         self.owned = self.ownable & set(self.store.dense)  # with the layers a batch has since materialised
+        for name in self.owned:  # (whose ghost terms go unread from now on)
+            self.store.lowrank.pop(name, None)
         self._capture = rec.capture(None, self._on_param, passive=True, on_forward=self._on_forward,
                                     temperature=float(getattr(self.trainer, "temperature", 1.0) or 1.0),
                                     own=self.owned)
