@@ -29,7 +29,7 @@ import json
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -172,11 +172,13 @@ class Demo:
             h.update(p.read_bytes() if p.is_file() else str(p).encode())
         return h.hexdigest()[:16]
 
-    def stage(self, name: str, fn: Callable[[], Any], *inputs: Path) -> None:
-        """Run ``fn`` unless ``demo.json`` records ``name`` as done with the same key; record its time."""
+    def stage(self, name: str, fn: Callable[[], Any], *inputs: Path, outputs: Sequence[Path] = ()) -> None:
+        """Run ``fn`` unless ``demo.json`` records ``name`` as done with the same key and its ``outputs`` are all
+        still there (a result deleted since is made again, and the stages that read it follow: their inputs are
+        its files, or its run's last manifest, :meth:`final`); record its time."""
         key = self.key(name, *inputs)
         done = self.state.setdefault("stages", {}).get(name)
-        if done and done.get("key") == key and not self.force:
+        if done and done.get("key") == key and not self.force and all(p.exists() for p in outputs):
             self.log(f"[dim]{name}: cached ({done['seconds']:.0f} s when run)[/dim]")
             done["cached"] = True
             return
@@ -189,6 +191,10 @@ class Demo:
                                       "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         write_json(self.state_path, self.state)
         self.log(f"{name}: {seconds:.0f} s")
+
+    def final(self, run: Path) -> Path:
+        """The manifest of a run's last checkpoint (written last: the run is complete when it is there)."""
+        return run / f"checkpoint-{self.plan.steps}" / "manifest.json"
 
 
 # --------------------------------------------------------------------------------------------------- stages
@@ -378,35 +384,45 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> Path:
     demo.state.update(format=DEMO_FORMAT, plan_name=name, plan=asdict(plan), versions=versions())
     t0 = time.perf_counter()
     probes, train = out / "probes.jsonl", out / "data" / "train.jsonl"
-    demo.stage("probes", lambda: build_probes(demo))
-    demo.stage("data", lambda: build_data(demo))
+    heldout, final = out / "data" / "heldout.jsonl", demo.final
+    demo.stage("probes", lambda: build_probes(demo), outputs=[probes])
+    demo.stage("data", lambda: build_data(demo), outputs=[train, heldout])
     for seed in range(plan.seeds):
+        sft, rft = run_dir(demo, "sft", seed), run_dir(demo, "rft", seed)
         demo.stage(f"sft{_seed(plan, seed)}", lambda s=seed: train_sft(demo, run_dir(demo, "sft", s), train, s,
                                                                        monitor=plan.monitor and s == 0),
-                   probes, train)
-        demo.stage(f"rft{_seed(plan, seed)}", lambda s=seed: train_rft(demo, run_dir(demo, "rft", s), s), probes, train)
+                   probes, train, outputs=[final(sft)])
+        demo.stage(f"rft{_seed(plan, seed)}", lambda s=seed: train_rft(demo, run_dir(demo, "rft", s), s),
+                   probes, train, outputs=[final(rft), rft / "rollouts.jsonl"])
     rft_final = _last_checkpoint(run_dir(demo, "rft", 0))
     rollouts = out / "data" / "rollouts.jsonl"
-    demo.stage("rollouts", lambda: make_rollouts(demo, str(rft_final), rollouts), train, rft_final / "manifest.json")
+    demo.stage("rollouts", lambda: make_rollouts(demo, str(rft_final), rollouts), train, rft_final / "manifest.json",
+               outputs=[rollouts])
     for seed in range(plan.seeds):
+        run = run_dir(demo, "sft-rollouts", seed)
         demo.stage(f"sft-rollouts{_seed(plan, seed)}",
-                   lambda s=seed: train_sft(demo, run_dir(demo, "sft-rollouts", s), rollouts, s), probes, rollouts)
+                   lambda s=seed: train_sft(demo, run_dir(demo, "sft-rollouts", s), rollouts, s), probes, rollouts,
+                   outputs=[final(run)])
     if plan.base_rollouts:
-        base_rollouts = out / "data" / "rollouts-base.jsonl"
-        demo.stage("rollouts-base", lambda: make_rollouts(demo, plan.model, base_rollouts), train)
-        demo.stage("sft-rollouts-base", lambda: train_sft(demo, out / "variants" / "sft-rollouts-base",
-                                                          base_rollouts, 0), probes, base_rollouts)
+        base_rollouts, run = out / "data" / "rollouts-base.jsonl", out / "variants" / "sft-rollouts-base"
+        demo.stage("rollouts-base", lambda: make_rollouts(demo, plan.model, base_rollouts), train,
+                   outputs=[base_rollouts])
+        demo.stage("sft-rollouts-base", lambda: train_sft(demo, run, base_rollouts, 0), probes, base_rollouts,
+                   outputs=[final(run)])
     if plan.select:
-        selected = out / "data" / "train-select.jsonl"
-        demo.stage("select", lambda: select_gold(demo), probes, train)
-        demo.stage("sft-select", lambda: train_sft(demo, out / "variants" / "sft-select", selected, 0),
-                   probes, selected)
-    demo.stage("influence", lambda: run_influence(demo), probes, train, rollouts,
-               run_dir(demo, "rft", 0) / "rollouts.jsonl")
+        selected, run = out / "data" / "train-select.jsonl", out / "variants" / "sft-select"
+        demo.stage("select", lambda: select_gold(demo), probes, train, outputs=[selected])
+        demo.stage("sft-select", lambda: train_sft(demo, run, selected, 0), probes, selected,
+                   outputs=[final(run)])
     influence = [p / "influence.parquet" for p in influence_folders(demo)]
-    demo.stage("compare", lambda: run_compare(demo), *compare_sets(demo).values(), *influence)
+    demo.stage("influence", lambda: run_influence(demo), probes, train, rollouts,
+               run_dir(demo, "rft", 0) / "rollouts.jsonl",
+               *(final(run_dir(demo, label, 0)) for label in ("sft", "rft", "sft-rollouts")), outputs=influence)
+    samples = out / "compare" / "samples.parquet"
+    demo.stage("compare", lambda: run_compare(demo), *compare_sets(demo).values(), *influence, outputs=[samples])
     demo.stage("figures", lambda: run_figures(demo), *sorted(out.glob("runs/*/eval.jsonl")),
-               *sorted(out.glob("variants/*/eval.jsonl")), out / "compare" / "samples.parquet", *influence)
+               *sorted(out.glob("variants/*/eval.jsonl")), samples, *influence,
+               outputs=[out / "figures" / "findings.json"])
     demo.state["total_seconds"] = round(time.perf_counter() - t0, 1)
     write_json(demo.state_path, demo.state)
     from dynamics.analyses.report import write_report

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import pytest
 
@@ -87,3 +88,42 @@ def test_plans_train_in_bf16_only_where_the_machine_computes_it_natively():
     assert DemoConfig().resolved()[1].bf16 is native_bf16()
     assert DemoConfig(vlm=True).resolved()[1].bf16 is False
     assert DemoConfig(plan=DemoPlan(bf16=not native_bf16())).resolved()[1].bf16 is not native_bf16()
+
+
+def test_a_stage_whose_result_was_deleted_runs_again_and_its_readers_follow(tmp_path):
+    """A stage recorded as done with the same key is skipped only while its outputs are all there: a run deleted
+    since is trained again, and a stage that reads it (by its last manifest, rewritten) runs again; a stage that
+    does not read it stays cached."""
+    from dynamics.demo import Demo, DemoPlan
+
+    calls = []
+
+    def train(run):
+        def fn():
+            calls.append(run.name)
+            demo.final(run).parent.mkdir(parents=True, exist_ok=True)
+            demo.final(run).write_text(json.dumps({"time": len(calls)}))  # as a real manifest: when it was written
+        return fn
+
+    def pipeline():
+        nonlocal demo
+        demo = Demo(tmp_path, "quick", DemoPlan(steps=2), force=False, progress=False, log=lambda _: None)
+        if demo.state_path.is_file():
+            demo.state = json.loads(demo.state_path.read_text())
+        a, b, report = tmp_path / "runs" / "a", tmp_path / "runs" / "b", tmp_path / "report.txt"
+        demo.stage("a", train(a), outputs=[demo.final(a)])
+        demo.stage("b", train(b), outputs=[demo.final(b)])
+        demo.stage("report", lambda: (calls.append("report"), report.write_text("r")), demo.final(a),
+                   outputs=[report])
+
+    demo = None
+    pipeline()
+    assert calls == ["a", "b", "report"] and (tmp_path / "runs" / "a" / "checkpoint-2" / "manifest.json").is_file()
+    pipeline()
+    assert calls == ["a", "b", "report"]
+    shutil.rmtree(tmp_path / "runs" / "a")
+    pipeline()
+    assert calls == ["a", "b", "report", "a", "report"]
+    (tmp_path / "report.txt").unlink()
+    pipeline()
+    assert calls[5:] == ["report"]
