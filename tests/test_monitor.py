@@ -239,6 +239,24 @@ def test_layers_materialised_during_training_are_owned_from_the_next_step(tmp_pa
     _assert_same_grads(plain, grads)
 
 
+
+def test_the_weights_at_a_steps_start_are_held_once(tmp_path, monkeypatch):
+    """A carried step's Δθ = θ_now − θ_before is taken from the buffers holding θ_before, which then take θ_now for
+    the next step: one copy of the watched weights is held, not two (the predictions equal the update products:
+    test_predictions_carried_to_the_next_step_equal_the_update_product)."""
+    import dynamics.train.monitor as monitor
+
+    held, end = [], monitor.InterferenceMonitor.on_step_end
+
+    def spy(self, *args, **kwargs):
+        end(self, *args, **kwargs)
+        held.append({n: t.data_ptr() for n, t in self._before.items()})
+
+    monkeypatch.setattr(monitor.InterferenceMonitor, "on_step_end", spy)
+    mon = _sft(tmp_path, "tiny-llama", "linear", steps=3, lr=1e-2, refresh=100)
+    assert len(held) == 3 and held[0].keys() == mon.engine.recorder.params.keys()
+    assert held[0] == held[1] == held[2]
+
 @pytest.fixture(scope="module")
 def counting_task():
     """A task whose reward varies between samples of a random model (so GRPO advantages are non-zero)."""

@@ -251,10 +251,13 @@ class InterferenceMonitor(TrainerCallback):
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         rec = self.engine.recorder
-        # the held row's update Δθ = θ_now − θ_before is contracted in this step's pass over the store
-        self._prev = self._before if self._held is not None else {}
+        # the held row's update Δθ = θ_now − θ_before is contracted in this step's pass over the store; each
+        # θ_before buffer then takes θ_now, this step's θ_before (the weights until its optimizer step): one copy held
+        if self._held is not None:
+            self._prev, self._before = self._before, {}
+        else:
+            self._prev, self._before = {}, {n: p.detach().clone() for n, p in rec.params.items()}
         self._ahead = torch.zeros(self.store.n, dtype=torch.float64, device=rec.device)  # sums stay on the device
-        self._before = {n: p.detach().clone() for n, p in rec.params.items()}
         self._rows: list[str] = []
         self._push: list[torch.Tensor] = []
         self._norms: list[torch.Tensor] = []
@@ -302,7 +305,11 @@ class InterferenceMonitor(TrainerCallback):
     def _on_param(self, name: str, pg: ParamGrad) -> None:
         start, n = self._segments[pg.segment]
         prev = self._prev.pop(name, None)
-        delta = None if prev is None else self.engine.recorder.params[name].detach() - prev
+        delta = None
+        if prev is not None:
+            now = self.engine.recorder.params[name].detach()
+            delta = now - prev
+            self._before[name] = prev.copy_(now)
         g = None
         if name in self.owned:  # this micro-batch's share of the weight gradient, which autograd skipped
             g = stacked_gradients(pg, delta, self.store.dense[name])
@@ -326,8 +333,11 @@ class InterferenceMonitor(TrainerCallback):
         rec = self.engine.recorder
         if self._held is not None:  # the previous step's prediction, mostly taken in this step's contraction
             with torch.no_grad():
-                for n, prev in self._prev.items():  # parameters this step's backward did not reach
-                    self._ahead += predicted_change(self.store, n, rec.params[n].detach() - prev)
+                for n, prev in self._prev.items():  # parameters this step's backward did not reach (so the
+                    now = rec.params[n].detach()      # optimizer left them where they were)
+                    self._ahead += predicted_change(self.store, n, now - prev)
+                    self._before[n] = prev.copy_(now)
+                self._prev = {}
             self._write(state, self._predicted(self._held, self._ahead))
             self._held = None
         row = self._row(state.global_step)
