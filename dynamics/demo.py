@@ -389,10 +389,10 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> Path:
     demo.stage("data", lambda: build_data(demo), outputs=[train, heldout])
     for seed in range(plan.seeds):
         sft, rft = run_dir(demo, "sft", seed), run_dir(demo, "rft", seed)
-        demo.stage(f"sft{_seed(plan, seed)}", lambda s=seed: train_sft(demo, run_dir(demo, "sft", s), train, s,
-                                                                       monitor=plan.monitor and s == 0),
+        demo.stage(f"sft{_seed(plan, seed)}", lambda r=sft, s=seed: train_sft(demo, r, train, s,
+                                                                              monitor=plan.monitor and s == 0),
                    probes, train, outputs=[final(sft)])
-        demo.stage(f"rft{_seed(plan, seed)}", lambda s=seed: train_rft(demo, run_dir(demo, "rft", s), s),
+        demo.stage(f"rft{_seed(plan, seed)}", lambda r=rft, s=seed: train_rft(demo, r, s),
                    probes, train, outputs=[final(rft), rft / "rollouts.jsonl"])
     rft_final = _last_checkpoint(run_dir(demo, "rft", 0))
     rollouts = out / "data" / "rollouts.jsonl"
@@ -401,8 +401,7 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> Path:
     for seed in range(plan.seeds):
         run = run_dir(demo, "sft-rollouts", seed)
         demo.stage(f"sft-rollouts{_seed(plan, seed)}",
-                   lambda s=seed: train_sft(demo, run_dir(demo, "sft-rollouts", s), rollouts, s), probes, rollouts,
-                   outputs=[final(run)])
+                   lambda r=run, s=seed: train_sft(demo, r, rollouts, s), probes, rollouts, outputs=[final(run)])
     if plan.base_rollouts:
         base_rollouts, run = out / "data" / "rollouts-base.jsonl", out / "variants" / "sft-rollouts-base"
         demo.stage("rollouts-base", lambda: make_rollouts(demo, plan.model, base_rollouts), train,
